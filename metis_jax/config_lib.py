@@ -1,0 +1,77 @@
+"""Loading experiment configs: a Python file with `get_config()`, plus overrides.
+
+The command-line entry points use absl's `config_flags` (`--config path.py`
+and `--config.a.b=value`); this module gives the same to Python code and
+tests, with the same strictness: overriding an undeclared key is an error.
+"""
+
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
+import ml_collections
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
+
+
+def config_path(name_or_path: str) -> str:
+  """`tiny` -> `<repo>/configs/tiny.py`; an existing path is returned as is."""
+  if os.path.exists(name_or_path):
+    return name_or_path
+  candidate = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".py") else name_or_path + ".py")
+  if not os.path.exists(candidate):
+    raise FileNotFoundError(f"no config file {name_or_path!r} (looked for {candidate})")
+  return candidate
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of a config file and applies `key.path=value` overrides."""
+  path = config_path(name_or_path)
+  spec = importlib.util.spec_from_file_location(f"metis_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for override in overrides:
+    apply_override(config, override)
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+  """Sets one `a.b.c=value` on `config`; the key must already exist."""
+  key, sep, raw = override.partition("=")
+  if not sep:
+    raise ValueError(f"override {override!r} is not of the form key=value")
+  key = key.strip().removeprefix("--").removeprefix("config.")
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    if part not in node:
+      raise KeyError(f"unknown config key {key!r} (no {part!r})")
+    node = node[part]
+  if leaf not in node:
+    raise KeyError(f"unknown config key {key!r}")
+  current = node[leaf]
+  node[leaf] = _parse_like(raw, current, key)
+
+
+def _parse_like(raw: str, current, key: str):
+  if isinstance(current, str):
+    return raw
+  if isinstance(current, bool):
+    if raw.lower() in ("true", "1", "yes"):
+      return True
+    if raw.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"config key {key!r} wants a bool, got {raw!r}")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"config key {key!r}: cannot parse {raw!r}") from e
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if current is not None and not isinstance(value, type(current)) and not (
+      isinstance(current, (tuple, list)) and isinstance(value, (tuple, list))):
+    raise ValueError(f"config key {key!r} is {type(current).__name__}, got {raw!r}")
+  return type(current)(value) if isinstance(current, (tuple, list)) else value

@@ -1,0 +1,1 @@
+"""Conversion between released Amphion safetensors and metis_jax parameters."""

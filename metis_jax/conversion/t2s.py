@@ -1,0 +1,205 @@
+"""Amphion T2S / Metis stage-1 safetensors <-> MetisModel parameters.
+
+Amphion key layout (Linear weights `[out, in]`):
+  cond_emb.weight [V, H]; mask_emb.weight [1, H]; to_logit.{weight [V, H], bias}
+  phone_emb.weight [1024, H]                        (phone models only)
+  diff_estimator.cond_mlp.{0,2}.{weight,bias}       (phone models only)
+  diff_estimator.diff_step_mlp.{0,2}.{weight,bias}
+  diff_estimator.norm.to_weight.{weight,bias}
+  diff_estimator.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+  diff_estimator.layers.{i}.mlp.{gate,up,down}_proj.weight
+  diff_estimator.layers.{i}.{input,post_attention}_layernorm.to_weight.{weight,bias}
+"""
+
+import json
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from metis_jax import config_base
+from metis_jax.conversion import common
+
+# Per-layer entries: (amphion suffix, our path inside `layers_i`, kind).
+_LAYER_ENTRIES = (
+    ("self_attn.q_proj.weight", ("attention", "query", "kernel"), "qkv"),
+    ("self_attn.k_proj.weight", ("attention", "key", "kernel"), "qkv"),
+    ("self_attn.v_proj.weight", ("attention", "value", "kernel"), "qkv"),
+    ("self_attn.o_proj.weight", ("attention", "out", "kernel"), "out"),
+    ("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), "linear"),
+    ("mlp.up_proj.weight", ("mlp", "up", "kernel"), "linear"),
+    ("mlp.down_proj.weight", ("mlp", "down", "kernel"), "linear"),
+    ("input_layernorm.to_weight.weight", ("input_norm", "to_weight", "kernel"), "linear"),
+    ("input_layernorm.to_weight.bias", ("input_norm", "to_weight", "bias"), "same"),
+    ("post_attention_layernorm.to_weight.weight", ("post_attention_norm", "to_weight", "kernel"), "linear"),
+    ("post_attention_layernorm.to_weight.bias", ("post_attention_norm", "to_weight", "bias"), "same"),
+)
+
+
+def _mlp_entries(amphion_prefix: str, our_prefix: tuple) -> list:
+  return [
+      (f"{amphion_prefix}.0.weight", our_prefix + ("fc1", "kernel"), "linear"),
+      (f"{amphion_prefix}.0.bias", our_prefix + ("fc1", "bias"), "same"),
+      (f"{amphion_prefix}.2.weight", our_prefix + ("fc2", "kernel"), "linear"),
+      (f"{amphion_prefix}.2.bias", our_prefix + ("fc2", "bias"), "same"),
+  ]
+
+
+def key_map(model: ml_collections.ConfigDict) -> list[tuple[str, tuple, str]]:
+  """(amphion key, path in the unscanned param tree, kind) for every weight."""
+  if model.cond_feature_dim:
+    raise common.ConversionError(
+        "condition-adapter weights (fine-tuned VC/SE/TSE/L2S files) are not converted by the "
+        "stage-1 converter; convert the base model and load the adapter separately")
+  entries = [
+      ("cond_emb.weight", ("token_embed", "embedding"), "same"),
+      ("mask_emb.weight", ("mask_embedding",), "row"),
+      ("to_logit.weight", ("to_logits", "kernel"), "linear"),
+      ("to_logit.bias", ("to_logits", "bias"), "same"),
+      ("diff_estimator.norm.to_weight.weight", ("backbone", "final_norm", "to_weight", "kernel"), "linear"),
+      ("diff_estimator.norm.to_weight.bias", ("backbone", "final_norm", "to_weight", "bias"), "same"),
+  ]
+  entries += _mlp_entries("diff_estimator.diff_step_mlp", ("backbone", "time_mlp"))
+  if model.use_phone_cond:
+    entries.append(("phone_emb.weight", ("phone_embed", "embedding"), "same"))
+    entries += _mlp_entries("diff_estimator.cond_mlp", ("phone_mlp",))
+  for i in range(model.num_layers):
+    for suffix, path, kind in _LAYER_ENTRIES:
+      entries.append((f"diff_estimator.layers.{i}.{suffix}", ("backbone", f"layers_{i}") + path, kind))
+  return entries
+
+
+def expected_shapes(model: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """Amphion key -> shape for a model config."""
+  h, v, ff = model.hidden_size, model.vocab_size, model.mlp_ratio * model.hidden_size
+  shapes = {
+      "cond_emb.weight": (v, h), "mask_emb.weight": (1, h),
+      "to_logit.weight": (v, h), "to_logit.bias": (v,),
+      "diff_estimator.norm.to_weight.weight": (h, h), "diff_estimator.norm.to_weight.bias": (h,),
+  }
+  mlps = ["diff_estimator.diff_step_mlp"]
+  if model.use_phone_cond:
+    shapes["phone_emb.weight"] = (model.phone_vocab_size, h)
+    mlps.append("diff_estimator.cond_mlp")
+  for prefix in mlps:
+    shapes.update({f"{prefix}.0.weight": (ff, h), f"{prefix}.0.bias": (ff,),
+                   f"{prefix}.2.weight": (h, ff), f"{prefix}.2.bias": (h,)})
+  per_layer = {
+      "self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (h, h),
+      "self_attn.v_proj.weight": (h, h), "self_attn.o_proj.weight": (h, h),
+      "mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h), "mlp.down_proj.weight": (h, ff),
+      "input_layernorm.to_weight.weight": (h, h), "input_layernorm.to_weight.bias": (h,),
+      "post_attention_layernorm.to_weight.weight": (h, h),
+      "post_attention_layernorm.to_weight.bias": (h,),
+  }
+  for i in range(model.num_layers):
+    shapes.update({f"diff_estimator.layers.{i}.{k}": s for k, s in per_layer.items()})
+  return shapes
+
+
+def _to_ours(kind: str, w: np.ndarray, num_heads: int) -> np.ndarray:
+  if kind == "same":
+    return w
+  if kind == "row":
+    return w[0]
+  if kind == "linear":
+    return w.T
+  if kind == "qkv":  # [heads*head_dim, H] -> [H, heads, head_dim]
+    return w.T.reshape(w.shape[1], num_heads, -1)
+  if kind == "out":  # [H, heads*head_dim] -> [heads, head_dim, H]
+    return w.T.reshape(num_heads, -1, w.shape[0])
+  raise ValueError(kind)
+
+
+def _to_amphion(kind: str, w: np.ndarray) -> np.ndarray:
+  if kind == "same":
+    return w
+  if kind == "row":
+    return w[None, :]
+  if kind == "linear":
+    return w.T
+  if kind == "qkv":  # [H, heads, head_dim] -> [heads*head_dim, H]
+    return w.reshape(w.shape[0], -1).T
+  if kind == "out":  # [heads, head_dim, H] -> [H, heads*head_dim]
+    return w.reshape(-1, w.shape[-1]).T
+  raise ValueError(kind)
+
+
+def _ignored(key: str) -> bool:
+  # Rotary buffers some torch versions save; recomputed here.
+  return key.endswith("rotary_emb.inv_freq")
+
+
+def amphion_to_params(tensors: dict[str, np.ndarray], model: ml_collections.ConfigDict,
+                      source: str = "state dict") -> dict:
+  """Strictly converts an Amphion state dict (numpy) into a MetisModel param tree."""
+  common.check_keys(source, tensors, expected_shapes(model), _ignored)
+  dtype = np.dtype(model.param_dtype)
+  params: dict = {}
+  for key, path, kind in key_map(model):
+    common.set_path(params, path, _to_ours(kind, np.asarray(tensors[key], np.float32), model.num_heads).astype(dtype))
+  if model.scan_layers:
+    params["backbone"] = common.stack_layers(params["backbone"], model.num_layers)
+  return params
+
+
+def params_to_amphion(params: dict, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """MetisModel param tree -> Amphion state dict (float32 numpy)."""
+  params = dict(params)
+  backbone = {k: v for k, v in params["backbone"].items()}
+  if "layers" in backbone:
+    backbone = common.unstack_layers(backbone)
+  params["backbone"] = backbone
+  return {key: _to_amphion(kind, np.asarray(common.get_path(params, path), np.float32))
+          for key, path, kind in key_map(model)}
+
+
+def infer_model_config(tensors: dict[str, np.ndarray], metadata: dict[str, str],
+                       num_heads: int | None = None) -> ml_collections.ConfigDict:
+  """Model config from a file's shapes (and its `config` metadata, if any).
+
+  Width, vocabulary, depth, MLP ratio and the phone prefix follow from the
+  shapes; the head count does not, so it comes from the metadata, the
+  argument, or the released value (16).
+  """
+  model = config_base.model_config()
+  meta = json.loads(metadata["config"]) if "config" in metadata else {}
+  if "cond_emb.weight" not in tensors:
+    raise common.ConversionError("not an Amphion T2S/Metis stage-1 file: no `cond_emb.weight`")
+  model.vocab_size, model.hidden_size = (int(d) for d in tensors["cond_emb.weight"].shape)
+  layer_ids = {int(k.split(".")[2]) for k in tensors if k.startswith("diff_estimator.layers.")}
+  model.num_layers = max(layer_ids) + 1 if layer_ids else 0
+  gate = tensors.get("diff_estimator.layers.0.mlp.gate_proj.weight")
+  if gate is not None:
+    model.mlp_ratio = int(gate.shape[0]) // model.hidden_size
+  model.use_phone_cond = "phone_emb.weight" in tensors
+  if model.use_phone_cond:
+    model.phone_vocab_size = int(tensors["phone_emb.weight"].shape[0])
+  model.num_heads = int(num_heads or meta.get("num_heads") or 16)
+  model.dtype = "float32"
+  return model
+
+
+def load_amphion(path: str, num_heads: int | None = None, scan_layers: bool = True,
+                 model: ml_collections.ConfigDict | None = None):
+  """Reads a released safetensors file -> (model config, params).
+
+  With `model` given, the file must match it exactly; otherwise the config is
+  inferred from the file.
+  """
+  tensors, metadata = common.load_safetensors(path)
+  if model is None:
+    model = infer_model_config(tensors, metadata, num_heads)
+    model.scan_layers = scan_layers
+  return model, amphion_to_params(tensors, model, source=path)
+
+
+def save_amphion(path: str, params: dict, model: ml_collections.ConfigDict) -> None:
+  """Writes params in the Amphion layout (with the model config as metadata)."""
+  meta = {"config": json.dumps({"hidden_size": model.hidden_size, "num_layers": model.num_layers,
+                                "num_heads": model.num_heads, "cond_codebook_size": model.vocab_size,
+                                "use_phone_cond": model.use_phone_cond})}
+  common.save_safetensors(path, params_to_amphion(params, model), meta)
+
+
+Converter = Callable[[dict, ml_collections.ConfigDict], dict]

@@ -1,0 +1,74 @@
+"""Bidirectional multi-head self-attention with RoPE and a key-padding mask."""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metis_jax import sharding
+from metis_jax.nn import rope
+
+KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def attention_mask(valid: jax.Array, segment_ids: Optional[jax.Array] = None) -> jax.Array:
+  """Boolean `[batch, 1, q_length, k_length]` (or `[batch, 1, 1, k_length]`) mask.
+
+  Args:
+    valid: `[batch, length]`, True where a key is a real token.
+    segment_ids: optional `[batch, length]` ids of packed sequences; queries
+      then only see keys of their own segment.
+  """
+  if segment_ids is None:
+    return valid[:, None, None, :]
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (same & valid[:, None, :])[:, None, :, :]
+
+
+class SelfAttention(nn.Module):
+  """q/k/v/o projections without bias, RoPE on q and k, no causal mask.
+
+  Attributes:
+    num_heads: number of heads; head_dim = embed // num_heads.
+    rope_theta: RoPE base.
+    implementation: `jax.nn.dot_product_attention` implementation
+      (None = JAX's choice, 'xla', 'cudnn').
+  """
+  num_heads: int
+  rope_theta: float = 10000.0
+  implementation: Optional[str] = None
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attends over all valid keys.
+
+    Args:
+      x: `[batch, length, embed]`.
+      positions: `[batch, length]` RoPE positions.
+      mask: boolean, broadcastable to `[batch, heads, length, length]`.
+
+    Returns:
+      `[batch, length, embed]`.
+    """
+    embed = x.shape[-1]
+    head_dim = embed // self.num_heads
+    projection = lambda name: nn.DenseGeneral(
+        features=(self.num_heads, head_dim), axis=-1, use_bias=False,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=sharding.partitioned(KERNEL_INIT, ("embed", "heads", "kv")), name=name)
+    q = rope.apply_rope(projection("query")(x), positions, self.rope_theta)
+    k = rope.apply_rope(projection("key")(x), positions, self.rope_theta)
+    v = projection("value")(x)
+    q = sharding.constrain(q, sharding.BATCH_LENGTH_HEADS_KV)
+    k = sharding.constrain(k, sharding.BATCH_LENGTH_HEADS_KV)
+    v = sharding.constrain(v, sharding.BATCH_LENGTH_HEADS_KV)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+    out = sharding.constrain(out, sharding.BATCH_LENGTH_HEADS_KV)
+    out = nn.DenseGeneral(
+        features=embed, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=sharding.partitioned(KERNEL_INIT, ("heads", "kv", "embed")), name="out")(out)
+    return sharding.constrain(out, sharding.BATCH_LENGTH_EMBED)

@@ -1,0 +1,60 @@
+"""Feed-forward blocks: the SwiGLU MLP of each layer and the small condition MLPs."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metis_jax import sharding
+
+KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate x) * up x), no biases (Llama's MLP).
+
+  Attributes:
+    hidden_dim: inner width (4H in Metis).
+  """
+  hidden_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[batch, length, embed]` -> `[batch, length, embed]`."""
+    embed = x.shape[-1]
+    dense = lambda features, axes, name: nn.Dense(
+        features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=sharding.partitioned(KERNEL_INIT, axes), name=name)
+    gate = dense(self.hidden_dim, ("embed", "mlp"), "gate")(x)
+    up = dense(self.hidden_dim, ("embed", "mlp"), "up")(x)
+    h = sharding.constrain(nn.silu(gate) * up, sharding.BATCH_LENGTH_MLP)
+    out = dense(embed, ("mlp", "embed"), "down")(h)
+    return sharding.constrain(out, sharding.BATCH_LENGTH_EMBED)
+
+
+class ConditionMLP(nn.Module):
+  """fc2(silu(fc1 x)) with biases: the time-step MLP and the phone MLP.
+
+  Attributes:
+    hidden_dim: inner width (4H).
+    out_dim: output width (H).
+    in_axis: logical name of the input feature axis.
+  """
+  hidden_dim: int
+  out_dim: int
+  in_axis: str = "embed"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[..., in_dim]` -> `[..., out_dim]`."""
+    h = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=sharding.partitioned(KERNEL_INIT, (self.in_axis, "mlp")),
+                 bias_init=sharding.partitioned(nn.initializers.zeros, ("mlp",)),
+                 name="fc1")(x)
+    return nn.Dense(self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=sharding.partitioned(KERNEL_INIT, ("mlp", "embed")),
+                    bias_init=sharding.partitioned(nn.initializers.zeros, ("embed",)),
+                    name="fc2")(nn.silu(h))

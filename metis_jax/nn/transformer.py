@@ -1,0 +1,118 @@
+"""The Metis backbone: Llama blocks with time-adaptive RMSNorm, bidirectional.
+
+Shared by the stage-1 model (SSL tokens) and S2A (acoustic tokens).
+"""
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metis_jax import sharding
+from metis_jax.nn import attention, embeddings, mlp, norms
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+  """Static description of the backbone (hashable, so modules can hold it)."""
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_ratio: int = 4
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str = ""
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+    if self.attention_impl not in ("", "xla", "cudnn"):
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of '', 'xla', 'cudnn'")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm block: x + attn(norm(x, c)); x + swiglu(norm(x, c))."""
+  config: BackboneConfig
+
+  @nn.compact
+  def __call__(self, x, cond, positions, mask):
+    """x `[batch, length, embed]`, cond `[batch, embed]` -> (x, None) (scan-friendly)."""
+    cfg = self.config
+    dtypes = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    h = norms.AdaptiveRMSNorm(cfg.norm_eps, name="input_norm", **dtypes)(x, cond)
+    h = attention.SelfAttention(cfg.num_heads, cfg.rope_theta, cfg.attention_impl or None,
+                                name="attention", **dtypes)(h, positions, mask)
+    x = x + h
+    h = norms.AdaptiveRMSNorm(cfg.norm_eps, name="post_attention_norm", **dtypes)(x, cond)
+    h = mlp.SwiGLU(cfg.mlp_ratio * cfg.hidden_size, name="mlp", **dtypes)(h)
+    x = sharding.constrain(x + h, sharding.BATCH_LENGTH_EMBED)
+    return x, None
+
+
+class Backbone(nn.Module):
+  """Time-step MLP, N blocks, final adaptive norm.
+
+  The same conditioning vector c = MLP(sinusoid(t)) feeds every norm,
+  the final one included.
+  """
+  config: BackboneConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, positions: jax.Array, valid: jax.Array,
+               segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Runs the stack.
+
+    Args:
+      x: `[batch, length, embed]` input embeddings.
+      t: `[batch]` mask-ratio time step in [0, 1].
+      positions: `[batch, length]` RoPE positions.
+      valid: `[batch, length]` bool, False at padding (never attended to).
+      segment_ids: optional `[batch, length]` ids of packed sequences.
+
+    Returns:
+      `[batch, length, embed]` hidden states after the final norm.
+    """
+    cfg = self.config
+    dtypes = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    cond = mlp.ConditionMLP(cfg.mlp_ratio * cfg.hidden_size, cfg.hidden_size, name="time_mlp",
+                            dtype=jnp.float32, param_dtype=cfg.weight_dtype)(
+                                embeddings.timestep_embedding(t, cfg.hidden_size))
+    mask = attention.attention_mask(valid, segment_ids)
+    x = sharding.constrain(x.astype(cfg.compute_dtype), sharding.BATCH_LENGTH_EMBED)
+
+    block = TransformerBlock
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy != "none":
+      block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(cfg, name="layers")(x, cond, positions, mask)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, name=f"layers_{i}")(x, cond, positions, mask)
+    return norms.AdaptiveRMSNorm(cfg.norm_eps, name="final_norm", **dtypes)(x, cond)

@@ -1,0 +1,62 @@
+"""Logical axis names and the rules table that maps them onto the device mesh.
+
+Model code names every parameter axis and constrains every large activation
+with *logical* names only; which mesh axis (`data`, `fsdp`, `tensor`) each
+name lands on is decided here, in one table, so a sharding plan is a config
+choice and never an edit of model code.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axis or axes or None). Parameters: `embed` is sharded
+# over fsdp (ZeRO-3 style), the wide axes (`mlp`, `heads`, `vocab`) over
+# tensor. Activations: the batch over data x fsdp, the wide feature axes over
+# tensor; sequence length and head_dim are never split.
+DEFAULT_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("cond_features", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+# Shorthands for the activation layouts used throughout the model.
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+BATCH_LENGTH_HEADS_KV = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+BATCH_LENGTH_MLP = ("activation_batch", "activation_length", "activation_mlp")
+BATCH_LENGTH_VOCAB = ("activation_batch", "activation_length", "activation_vocab")
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside a mesh/rules context."""
+  return nn.with_logical_constraint(x, tuple(logical_axes))
+
+
+def partitioned(init_fn, logical_axes: Sequence[str | None]):
+  """Wraps an initializer so the parameter carries its logical axis names."""
+  return nn.with_logical_partitioning(init_fn, tuple(logical_axes))
+
+
+def rules_from_config(rules) -> tuple:
+  """Config rules (list of [name, axis-or-list-or-None]) -> the tuple flax wants."""
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    out.append((name, axes))
+  return tuple(out)
