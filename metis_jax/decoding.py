@@ -104,19 +104,43 @@ def remask_least_confident(confidence: jax.Array, is_masked: jax.Array,
   return (rank < counts[:, None]) & is_masked
 
 
+def sample_keys(rng: jax.Array, batch: int) -> jax.Array:
+  """One PRNG key per sample: `rng` itself if it is already `[batch]` keys,
+  else `fold_in(rng, i)` for sample i."""
+  if rng.shape == (batch,):
+    return rng
+  if rng.shape != ():
+    raise ValueError(f"rng must be one key or {batch} keys, got shape {rng.shape}")
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch))
+
+
+def _position_gumbels(keys: jax.Array, step: jax.Array, length: int, size: int) -> jax.Array:
+  """`[batch, length, size]` Gumbel noise; each (sample, step, position) has its own key,
+  so a sample's noise does not depend on the batch it is decoded in."""
+  def per_sample(key):
+    key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda p: jax.random.gumbel(jax.random.fold_in(key, p), (size,)))(
+        jnp.arange(length))
+  return jax.vmap(per_sample)(keys)
+
+
 def masked_decode(logits_fn: LogitsFn, rng: jax.Array, valid: jax.Array,
-                  options: DecodeOptions) -> jax.Array:
+                  options: DecodeOptions, return_history: bool = False):
   """Decodes all valid positions from fully masked, in `options.steps` steps.
 
   Args:
     logits_fn: (tokens, is_masked, t) -> float32 logits `[batch, length, vocab]`.
-    rng: PRNG key; the output is a deterministic function of it.
+    rng: one PRNG key, or `[batch]` keys (one per sample: then a sample's
+      output is independent of its batch mates). The output is a
+      deterministic function of the keys.
     valid: `[batch, length]` bool, the positions to generate (a prefix per row
       or any subset); the rest stay 0.
     options: static settings.
+    return_history: also return, for each step, the mask and the tokens it
+      started from: a dict of `[steps, batch, length]` arrays.
 
   Returns:
-    `[batch, length]` int32 tokens (0 where not valid).
+    `[batch, length]` int32 tokens (0 where not valid), and the history if asked.
   """
   batch, length = valid.shape
   lengths = valid.sum(-1).astype(jnp.float32)
@@ -124,37 +148,37 @@ def masked_decode(logits_fn: LogitsFn, rng: jax.Array, valid: jax.Array,
   times = time_grid(steps)
   # n_i(next) = floor(T_i * gamma(t_next)), gamma tabulated on the host in float32.
   next_ratio = masking.mask_ratio(times[1:], options.schedule).astype(np.float32)
+  keys = sample_keys(rng, batch)
 
-  def step(carry, inputs):
+  def step(carry, i):
     tokens, is_masked = carry
-    i, key = inputs
     t = jnp.asarray(times)[i]
     logits = logits_fn(tokens, is_masked, t)
     k = options.top_k(logits.shape[-1])
     top_logits, top_ids = jax.lax.top_k(logits, k)  # [B, T, k]
-    key_sample, key_confidence = jax.random.split(key)
+    needs_noise = options.temperature != 0 or options.confidence_noise != 0
+    noise = _position_gumbels(keys, i, length, k + 1) if needs_noise else None
     if options.temperature == 0:
       choice = jnp.argmax(top_logits, axis=-1)
     else:
       temperature = 0.2 if steps == 1 else jnp.maximum(options.temperature * t, 1e-3)
-      noisy = top_logits / temperature + jax.random.gumbel(key_sample, top_logits.shape)
+      noisy = top_logits / temperature + noise[..., :k]
       greedy = jnp.logical_and(i == steps - 1, steps > 1)
       choice = jnp.where(greedy, jnp.argmax(top_logits, -1), jnp.argmax(noisy, -1))
     sampled = jnp.take_along_axis(top_ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
     probs = jax.nn.softmax(top_logits, axis=-1)
     confidence = jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
     if options.confidence_noise:
-      confidence = confidence + options.confidence_noise * t * jax.random.gumbel(
-          key_confidence, confidence.shape)
-    tokens = jnp.where(is_masked, sampled, tokens)
+      confidence = confidence + options.confidence_noise * t * noise[..., k]
+    new_tokens = jnp.where(is_masked, sampled, tokens)
     counts = jnp.floor(lengths * jnp.asarray(next_ratio)[i]).astype(jnp.int32)
-    is_masked = remask_least_confident(confidence, is_masked, counts)
-    return (tokens, is_masked), None
+    new_masked = remask_least_confident(confidence, is_masked, counts)
+    return (new_tokens, new_masked), {"masks": is_masked, "tokens": tokens}
 
   init = (jnp.zeros((batch, length), jnp.int32), valid.astype(bool))
-  keys = jax.random.split(rng, steps)
-  (tokens, _), _ = jax.lax.scan(step, init, (jnp.arange(steps), keys))
-  return jnp.where(valid, tokens, 0)
+  (tokens, _), history = jax.lax.scan(step, init, jnp.arange(steps))
+  tokens = jnp.where(valid, tokens, 0)
+  return (tokens, history) if return_history else tokens
 
 
 def lengths_to_valid(lengths: jax.Array, size: int) -> jax.Array:
@@ -190,7 +214,9 @@ class MetisDecoder:
 
     Args:
       params: model parameters.
-      rng: PRNG key.
+      rng: one PRNG key, or `[batch]` keys (one per example, e.g.
+        `fold_in(seed_key, example_id)`: then an example's tokens do not
+        depend on which examples share its batch).
       prompt_tokens: `[batch, prompt_len]` int, left-aligned, padded.
       prompt_lengths: `[batch]` int (0 = no prompt).
       target_lengths: `[batch]` int, tokens to generate per sample (<= target_len).
