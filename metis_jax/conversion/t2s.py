@@ -56,14 +56,21 @@ def key_map(model: ml_collections.ConfigDict) -> list[tuple[str, tuple, str]]:
       ("mask_emb.weight", ("mask_embedding",), "row"),
       ("to_logit.weight", ("to_logits", "kernel"), "linear"),
       ("to_logit.bias", ("to_logits", "bias"), "same"),
+  ]
+  if model.use_phone_cond:
+    entries.append(("phone_emb.weight", ("phone_embed", "embedding"), "same"))
+    entries += _mlp_entries("diff_estimator.cond_mlp", ("phone_mlp",))
+  return entries + backbone_key_map(model.num_layers)
+
+
+def backbone_key_map(num_layers: int) -> list[tuple[str, tuple, str]]:
+  """Entries of the shared `diff_estimator` backbone (time MLP, blocks, final norm)."""
+  entries = [
       ("diff_estimator.norm.to_weight.weight", ("backbone", "final_norm", "to_weight", "kernel"), "linear"),
       ("diff_estimator.norm.to_weight.bias", ("backbone", "final_norm", "to_weight", "bias"), "same"),
   ]
   entries += _mlp_entries("diff_estimator.diff_step_mlp", ("backbone", "time_mlp"))
-  if model.use_phone_cond:
-    entries.append(("phone_emb.weight", ("phone_embed", "embedding"), "same"))
-    entries += _mlp_entries("diff_estimator.cond_mlp", ("phone_mlp",))
-  for i in range(model.num_layers):
+  for i in range(num_layers):
     for suffix, path, kind in _LAYER_ENTRIES:
       entries.append((f"diff_estimator.layers.{i}.{suffix}", ("backbone", f"layers_{i}") + path, kind))
   return entries
@@ -71,19 +78,28 @@ def key_map(model: ml_collections.ConfigDict) -> list[tuple[str, tuple, str]]:
 
 def expected_shapes(model: ml_collections.ConfigDict) -> dict[str, tuple]:
   """Amphion key -> shape for a model config."""
-  h, v, ff = model.hidden_size, model.vocab_size, model.mlp_ratio * model.hidden_size
+  h, v = model.hidden_size, model.vocab_size
   shapes = {
       "cond_emb.weight": (v, h), "mask_emb.weight": (1, h),
       "to_logit.weight": (v, h), "to_logit.bias": (v,),
-      "diff_estimator.norm.to_weight.weight": (h, h), "diff_estimator.norm.to_weight.bias": (h,),
   }
-  mlps = ["diff_estimator.diff_step_mlp"]
   if model.use_phone_cond:
     shapes["phone_emb.weight"] = (model.phone_vocab_size, h)
-    mlps.append("diff_estimator.cond_mlp")
-  for prefix in mlps:
-    shapes.update({f"{prefix}.0.weight": (ff, h), f"{prefix}.0.bias": (ff,),
-                   f"{prefix}.2.weight": (h, ff), f"{prefix}.2.bias": (h,)})
+    shapes.update(mlp_shapes("diff_estimator.cond_mlp", h, model.mlp_ratio * h))
+  shapes.update(backbone_shapes(model))
+  return shapes
+
+
+def mlp_shapes(prefix: str, h: int, ff: int) -> dict[str, tuple]:
+  return {f"{prefix}.0.weight": (ff, h), f"{prefix}.0.bias": (ff,),
+          f"{prefix}.2.weight": (h, ff), f"{prefix}.2.bias": (h,)}
+
+
+def backbone_shapes(model: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """Amphion key -> shape for the shared backbone."""
+  h, ff = model.hidden_size, model.mlp_ratio * model.hidden_size
+  shapes = {"diff_estimator.norm.to_weight.weight": (h, h), "diff_estimator.norm.to_weight.bias": (h,)}
+  shapes.update(mlp_shapes("diff_estimator.diff_step_mlp", h, ff))
   per_layer = {
       "self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (h, h),
       "self_attn.v_proj.weight": (h, h), "self_attn.o_proj.weight": (h, h),
@@ -97,7 +113,7 @@ def expected_shapes(model: ml_collections.ConfigDict) -> dict[str, tuple]:
   return shapes
 
 
-def _to_ours(kind: str, w: np.ndarray, num_heads: int) -> np.ndarray:
+def to_ours(kind: str, w: np.ndarray, num_heads: int) -> np.ndarray:
   if kind == "same":
     return w
   if kind == "row":
@@ -111,7 +127,7 @@ def _to_ours(kind: str, w: np.ndarray, num_heads: int) -> np.ndarray:
   raise ValueError(kind)
 
 
-def _to_amphion(kind: str, w: np.ndarray) -> np.ndarray:
+def to_amphion(kind: str, w: np.ndarray) -> np.ndarray:
   if kind == "same":
     return w
   if kind == "row":
@@ -125,7 +141,7 @@ def _to_amphion(kind: str, w: np.ndarray) -> np.ndarray:
   raise ValueError(kind)
 
 
-def _ignored(key: str) -> bool:
+def ignored(key: str) -> bool:
   # Rotary buffers some torch versions save; recomputed here.
   return key.endswith("rotary_emb.inv_freq")
 
@@ -133,11 +149,11 @@ def _ignored(key: str) -> bool:
 def amphion_to_params(tensors: dict[str, np.ndarray], model: ml_collections.ConfigDict,
                       source: str = "state dict") -> dict:
   """Strictly converts an Amphion state dict (numpy) into a MetisModel param tree."""
-  common.check_keys(source, tensors, expected_shapes(model), _ignored)
+  common.check_keys(source, tensors, expected_shapes(model), ignored)
   dtype = np.dtype(model.param_dtype)
   params: dict = {}
   for key, path, kind in key_map(model):
-    common.set_path(params, path, _to_ours(kind, np.asarray(tensors[key], np.float32), model.num_heads).astype(dtype))
+    common.set_path(params, path, to_ours(kind, np.asarray(tensors[key], np.float32), model.num_heads).astype(dtype))
   if model.scan_layers:
     params["backbone"] = common.stack_layers(params["backbone"], model.num_layers)
   return params
@@ -150,7 +166,7 @@ def params_to_amphion(params: dict, model: ml_collections.ConfigDict) -> dict[st
   if "layers" in backbone:
     backbone = common.unstack_layers(backbone)
   params["backbone"] = backbone
-  return {key: _to_amphion(kind, np.asarray(common.get_path(params, path), np.float32))
+  return {key: to_amphion(kind, np.asarray(common.get_path(params, path), np.float32))
           for key, path, kind in key_map(model)}
 
 
