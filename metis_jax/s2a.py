@@ -14,8 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from metis_jax import sharding
+from metis_jax import masking, sharding
 from metis_jax.nn import mlp, transformer
 
 EMBED_INIT = nn.initializers.normal(stddev=0.02)
@@ -171,7 +172,6 @@ def init_params(model: S2AModel, rng: jax.Array):
 
 def layer_weights(cfg: S2AConfig):
   """Probability of drawing each codec layer as the training target (`[num_quantizers]`)."""
-  import numpy as np
   q = cfg.num_quantizers
   first = cfg.first_predicted_layer
   idx = np.arange(q)
@@ -188,3 +188,45 @@ def layer_weights(cfg: S2AConfig):
 def sample_target_layer(rng: jax.Array, cfg: S2AConfig) -> jax.Array:
   """One target layer for the whole batch (int32 scalar), drawn by `layer_schedule`."""
   return jax.random.choice(rng, cfg.num_quantizers, p=jnp.asarray(layer_weights(cfg))).astype(jnp.int32)
+
+
+def sample_training_corruption(rng: jax.Array, valid: jax.Array, cfg: S2AConfig,
+                               masking_cfg: masking.MaskingConfig) -> tuple[jax.Array, masking.TrainingMask]:
+  """Draws the target layer (one per batch) and the masking of that layer.
+
+  The prompt prefix, the time steps and the masked positions follow
+  `masking.sample_training_mask` with the S2A settings (no minimum mask
+  ratio, prompt up to half the utterance: set them in `masking_cfg`).
+
+  Args:
+    rng: PRNG key.
+    valid: `[batch, time]` bool.
+    cfg: the S2A config.
+    masking_cfg: a `masking.MaskingConfig`.
+
+  Returns:
+    (layer int32 scalar, TrainingMask).
+  """
+  rng_layer, rng_mask = jax.random.split(rng)
+  return sample_target_layer(rng_layer, cfg), masking.sample_training_mask(rng_mask, valid, masking_cfg)
+
+
+def training_loss(params, model: S2AModel, tokens: jax.Array, cond_tokens: jax.Array,
+                  valid: jax.Array, layer: jax.Array,
+                  corruption: masking.TrainingMask) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked cross-entropy of the target layer.
+
+  Args:
+    tokens: `[batch, time, num_quantizers]` codec tokens.
+    cond_tokens: `[batch, time]` SSL tokens.
+    valid: `[batch, time]` bool.
+    layer: target layer (traced int32 scalar).
+    corruption: the `masking.TrainingMask` of that layer.
+
+  Returns:
+    (mean CE, accuracy, number of scored tokens), as `masking.masked_cross_entropy`.
+  """
+  _, logits = model.apply({"params": params}, tokens, cond_tokens, layer, corruption.is_masked,
+                          corruption.is_prompt, valid, corruption.t)
+  targets = jnp.take_along_axis(tokens, jnp.broadcast_to(layer, tokens.shape[:2])[..., None], -1)[..., 0]
+  return masking.masked_cross_entropy(logits, targets, corruption.is_masked & valid)

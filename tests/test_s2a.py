@@ -152,3 +152,34 @@ def test_layer_schedule_weights_follow_the_reference():
   np.testing.assert_allclose(s2a.layer_weights(one), [1.0])
   draws = np.array([int(s2a.sample_target_layer(jax.random.key(i), model.config)) for i in range(300)])
   assert draws.min() >= 1 and len(set(draws)) > 6
+
+
+def test_tiny_s2a_objective_learns_a_fixed_batch():
+  import optax
+  from metis_jax import masking
+  cfg, model, _ = _tiny_s2a()
+  params = s2a.init_params(model, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 32, (4, 16, 4)))
+  cond = jnp.asarray(rng.integers(0, 64, (4, 16)))
+  valid = jnp.asarray(np.arange(16)[None] < np.array([16, 14, 12, 9])[:, None])
+  masking_cfg = masking.MaskingConfig(min_mask_ratio=0.0, prompt_max_fraction=0.5)
+  layer, corruption = s2a.sample_training_corruption(jax.random.key(1), valid, model.config, masking_cfg)
+  assert 1 <= int(layer) < 4
+  assert not (corruption.is_masked & ~valid).any()
+  optimizer = optax.adam(1e-2)
+  state = optimizer.init(params)
+
+  @jax.jit
+  def step(p, s):
+    (loss, _), g = jax.value_and_grad(
+        lambda p: s2a.training_loss(p, model, tokens, cond, valid, layer, corruption)[:2],
+        has_aux=True)(p)
+    u, s = optimizer.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  losses = []
+  for _ in range(100):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  assert losses[0] > 2.5 and losses[-1] < 0.1, (losses[0], losses[-1])
