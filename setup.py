@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4.0",
     "tensorboardX>=2.6",
     "espeakng-loader>=0.2.4",
+    "msgpack>=1.0",
 ]
 
 EXTRAS_REQUIRE = {
