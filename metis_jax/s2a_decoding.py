@@ -119,11 +119,13 @@ class S2ADecoder:
         cumulative = cumulative + embed(layer_codes, q)
 
     base_keys = decoding.sample_keys(rng, batch)
-    for layer in range(first, num_q):
-      layer_options = options.for_layer(layer)
-      higher = mask_vec * (num_q - 1 - layer)
 
-      def logits_fn(tokens, is_masked, t, layer=layer, cumulative=cumulative, higher=higher):
+    def decode_layer(carry, layer, layer_options):
+      """Decodes codec layer `layer` (a traced index) given the lower ones."""
+      codes, cumulative = carry
+      higher = mask_vec * (num_q - 1 - layer).astype(mask_vec.dtype)
+
+      def logits_fn(tokens, is_masked, t):
         current = jnp.where(is_masked[..., None], mask_vec, embed(tokens, layer))
         x = jnp.concatenate([prompt_x, cumulative + current + higher], axis=1)
         x = jnp.tile(x, (copies, 1, 1))
@@ -134,9 +136,30 @@ class S2ADecoder:
                                   options.rescale_cfg)
         return apply(s2a.S2AModel.logits, hidden, layer)
 
-      keys = jax.vmap(lambda k, layer=layer: jax.random.fold_in(k, layer))(base_keys)
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, layer))(base_keys)
       layer_codes = decoding.masked_decode(logits_fn, keys, target_valid, layer_options)
-      codes = codes.at[..., layer].set(layer_codes)
-      cumulative = cumulative + embed(layer_codes, layer)
+      codes = jax.lax.dynamic_update_slice_in_dim(codes, layer_codes[..., None], layer, axis=2)
+      return (codes, cumulative + embed(layer_codes, layer)), None
+
+    # Consecutive layers with the same step count share one compiled body
+    # (a scan over the layer index): the released schedule [40, 16, 1 x 10]
+    # compiles three decoding loops, not twelve.
+    carry = (codes, cumulative)
+    for start, stop in _runs_of_equal_steps(options.steps, first):
+      layer_options = options.for_layer(start)
+      carry, _ = jax.lax.scan(lambda c, l: decode_layer(c, l, layer_options), carry,
+                              jnp.arange(start, stop, dtype=jnp.int32))
+    codes, _ = carry
     return codes
 
+
+
+def _runs_of_equal_steps(steps, first: int):
+  """[(start, stop)] covering layers first..len(steps)-1, grouped by equal step counts."""
+  runs = []
+  for layer in range(first, len(steps)):
+    if runs and steps[runs[-1][0]] == steps[layer]:
+      runs[-1][1] = layer + 1
+    else:
+      runs.append([layer, layer + 1])
+  return [tuple(r) for r in runs]
