@@ -11,29 +11,15 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
+from metis_jax import config_base
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# (logical name, mesh axis or axes or None). Parameters: `embed` is sharded
-# over fsdp (ZeRO-3 style), the wide axes (`mlp`, `heads`, `vocab`) over
-# tensor. Activations: the batch over data x fsdp, the wide feature axes over
-# tensor; sequence length and head_dim are never split.
-DEFAULT_RULES = (
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv", None),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("cond_features", None),
-    ("norm", None),
-    ("layers", None),
-)
+# The default rules table lives with every other knob, in
+# `config_base.mesh_config().logical_axis_rules` (where it is documented);
+# this is that table as the tuple flax wants, for code that has no config.
+DEFAULT_RULES = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                      for name, axes in config_base.mesh_config().logical_axis_rules)
 
 # Shorthands for the activation layouts used throughout the model.
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")

@@ -18,6 +18,7 @@ settings) + `centroids.npz` (float32 [k, 160]).
 """
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -106,6 +107,8 @@ class AcousticTokenizer(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
+# Tokenizers defined outside this package, imported on first use.
+_PLUGINS = {"w2v_bert_codec": "metis_jax.ssl_tokenizer"}
 
 
 def register(type_name: str):
@@ -124,6 +127,8 @@ def load_tokenizer(directory: str) -> SSLTokenizer:
                             "fit one with `python -m metis_jax.data.fit_kmeans`")
   with open(path, encoding="utf-8") as f:
     kind = json.load(f).get("type")
+  if kind not in _REGISTRY and kind in _PLUGINS:
+    importlib.import_module(_PLUGINS[kind])  # registers itself
   if kind not in _REGISTRY:
     raise ValueError(f"{path}: unknown tokenizer type {kind!r}; known: {sorted(_REGISTRY)}")
   return _REGISTRY[kind].load(directory)

@@ -26,6 +26,39 @@ def attention_mask(valid: jax.Array, segment_ids: Optional[jax.Array] = None) ->
   return (same & valid[:, None, :])[:, None, :, :]
 
 
+class Projection(nn.Module):
+  """`y = einsum(x, kernel)` with a kernel created at its full rank.
+
+  Same parameter (`kernel`, no bias) as `nn.DenseGeneral`, but DenseGeneral
+  draws a flat 2-D kernel and reshapes it; with logically partitioned
+  initializers its unbox applies the 3 logical names to the 2-D value, which
+  fails whenever a mesh and axis rules are active (flax also re-runs the
+  initializer under eval_shape in `apply` to check shapes, so even the
+  training forward pass failed under a mesh).
+
+  Attributes:
+    features: output feature shape, e.g. (heads, head_dim) or (embed,).
+    contract: number of trailing input axes to contract (1 for q/k/v, 2 for
+      the output projection over (heads, head_dim)).
+    logical_axes: logical names of the kernel, input axes then output axes.
+  """
+  features: tuple[int, ...]
+  contract: int
+  logical_axes: tuple[str, ...]
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[..., *contracted]` -> `[..., *features]`."""
+    in_shape = x.shape[x.ndim - self.contract:]
+    kernel = self.param("kernel", sharding.partitioned(KERNEL_INIT, self.logical_axes),
+                        in_shape + tuple(self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    axes = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
+    return jax.lax.dot_general(x, kernel, (axes, ((), ())))
+
+
 class SelfAttention(nn.Module):
   """q/k/v/o projections without bias, RoPE on q and k, no causal mask.
 
@@ -55,10 +88,9 @@ class SelfAttention(nn.Module):
     """
     embed = x.shape[-1]
     head_dim = embed // self.num_heads
-    projection = lambda name: nn.DenseGeneral(
-        features=(self.num_heads, head_dim), axis=-1, use_bias=False,
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=sharding.partitioned(KERNEL_INIT, ("embed", "heads", "kv")), name=name)
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    projection = lambda name: Projection((self.num_heads, head_dim), 1, ("embed", "heads", "kv"),
+                                         name=name, **dtypes)
     q = rope.apply_rope(projection("query")(x), positions, self.rope_theta)
     k = rope.apply_rope(projection("key")(x), positions, self.rope_theta)
     v = projection("value")(x)
@@ -67,8 +99,5 @@ class SelfAttention(nn.Module):
     v = sharding.constrain(v, sharding.BATCH_LENGTH_HEADS_KV)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
     out = sharding.constrain(out, sharding.BATCH_LENGTH_HEADS_KV)
-    out = nn.DenseGeneral(
-        features=embed, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=sharding.partitioned(KERNEL_INIT, ("heads", "kv", "embed")), name="out")(out)
+    out = Projection((embed,), 2, ("heads", "kv", "embed"), name="out", **dtypes)(out)
     return sharding.constrain(out, sharding.BATCH_LENGTH_EMBED)

@@ -1,0 +1,208 @@
+"""Training metrics: FLOPs and MFU, the progress line, TensorBoard, profiler windows.
+
+The host reads a step's metrics only after the *next* step has been
+dispatched (`MetricsLogger.push`), so fetching them never makes the device
+wait. Only process 0 prints and writes.
+"""
+
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+from absl import logging
+
+# Peak dense bf16 FLOP/s per JAX device, by `device_kind` substring (checked
+# in order; first match wins). TPU v4 and v5p run one JAX device per chip
+# (megacore); GPU figures are the dense (no 2:4 sparsity) tensor-core peaks
+# of the SXM parts.
+PEAK_BF16_FLOPS = (
+    ("tpu v6 lite", 918e12),   # v6e (Trillium)
+    ("tpu v6e", 918e12),
+    ("tpu v5 lite", 197e12),   # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),        # v5p reports "TPU v5"
+    ("tpu v4", 275e12),
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+)
+# CPUs have no meaningful bf16 peak; this nominal figure only keeps MFU
+# defined (a few cores reach well under 1 TFLOP/s).
+CPU_FALLBACK_FLOPS = 1e12
+
+
+def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float:
+  """Peak bf16 FLOP/s of one device (`override` wins when positive)."""
+  if override > 0:
+    return float(override)
+  kind = device_kind.lower()
+  for key, flops in PEAK_BF16_FLOPS:
+    if key in kind:
+      return flops
+  return CPU_FALLBACK_FLOPS
+
+
+def training_flops_per_token(model: ml_collections.ConfigDict, seq_length: int) -> float:
+  """Model FLOPs of one training token (forward + backward = 3x forward).
+
+  Counts matmuls only (2 FLOPs per multiply-add): per layer the q/k/v/o
+  projections (4 H^2), the SwiGLU MLP (3 H M) and the attention scores and
+  values over *all* T keys (2 T H; bidirectional, so nothing is halved as a
+  causal mask would allow), plus the output head (H V). Per-sample work
+  (the time-step MLP and the adaptive-norm gains) and rematerialization are
+  not counted: this is the MFU convention (model, not hardware, FLOPs).
+
+  Args:
+    model: `config.model`.
+    seq_length: T, tokens per sequence.
+  """
+  h, layers, vocab = model.hidden_size, model.num_layers, model.vocab_size
+  mlp = model.mlp_ratio * h
+  per_layer = 4 * h * h + 3 * h * mlp + 2 * seq_length * h
+  forward = 2 * (layers * per_layer + h * vocab)
+  return 3.0 * forward
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, num_devices: int,
+        peak_per_device: float) -> float:
+  """Model FLOPs utilization in [0, 1]."""
+  return tokens_per_second * flops_per_token / (num_devices * peak_per_device)
+
+
+def progress_line(step: int, total: int, values: dict[str, float]) -> str:
+  """'step 120/2000 | 3.1 step/s 50.2k tok/s | loss 4.123 acc 0.211 | gnorm 1.23 lr 3.0e-04 | MFU 41.2%'."""
+  timed = "steps_per_second" in values  # not the first step (it includes compilation)
+  parts = [f"step {step}/{total}",
+           (f"{values['steps_per_second']:.2f} step/s {values['tokens_per_second'] / 1e3:.1f}k tok/s"
+            if timed else "compiling"),
+           f"loss {values['loss']:.4f} acc {values['accuracy']:.3f}",
+           f"gnorm {values['grad_norm']:.3g} lr {values['learning_rate']:.2e}"]
+  if timed:
+    parts.append(f"MFU {100 * values['mfu']:.1f}%")
+  if values.get("skipped_steps", 0):
+    parts.append(f"skipped {int(values['skipped_steps'])}")
+  return " | ".join(parts)
+
+
+class MetricsLogger:
+  """Reads metrics one step late, writes TensorBoard scalars and the progress line.
+
+  Args:
+    workdir: run directory (`<workdir>/tensorboard` gets the event files).
+    config: the run config.
+    num_devices: devices in the mesh.
+    device_kind: `jax.devices()[0].device_kind`.
+    is_writer: only process 0 writes.
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, num_devices: int,
+               device_kind: str, is_writer: Optional[bool] = None):
+    self.config = config
+    self.total_steps = config.train.steps
+    self.every = max(int(config.logging.log_every_steps), 1)
+    self.is_writer = jax.process_index() == 0 if is_writer is None else is_writer
+    self.tokens_per_step = config.train.global_batch_size * config.train.seq_length
+    self.flops_per_token = training_flops_per_token(config.model, config.train.seq_length)
+    self.peak = peak_flops_per_device(device_kind, config.logging.peak_flops_per_device)
+    self.num_devices = num_devices
+    self.writer = None
+    if self.is_writer and config.logging.tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._pending: Optional[tuple[int, Any]] = None
+    self._window_start: Optional[tuple[int, float]] = None
+    self.history: list[dict[str, float]] = []
+
+  def push(self, step: int, metrics: Any) -> Optional[dict[str, float]]:
+    """Queues step `step`'s device metrics; fetches and logs the previous step's.
+
+    Returns:
+      The previous step's metrics as floats (with its `step`), or None.
+    """
+    previous, self._pending = self._pending, (step, metrics)
+    return self._log(*previous) if previous else None
+
+  def flush(self) -> Optional[dict[str, float]]:
+    """Logs the queued step (blocks on it): call at the end and before exits."""
+    previous, self._pending = self._pending, None
+    return self._log(*previous) if previous else None
+
+  def _log(self, step: int, metrics: Any) -> dict[str, float]:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    values["step"] = step
+    now = time.perf_counter()
+    if self._window_start is None:
+      self._window_start = (step, now)  # the first step includes compilation: not timed
+    self.history.append(values)
+    if step % self.every and step != self.total_steps:
+      return values
+    start_step, start_time = self._window_start
+    if step > start_step:
+      steps_per_second = (step - start_step) / max(now - start_time, 1e-9)
+      values["steps_per_second"] = steps_per_second
+      values["tokens_per_second"] = steps_per_second * self.tokens_per_step
+      values["mfu"] = mfu(values["tokens_per_second"], self.flops_per_token, self.num_devices,
+                          self.peak)
+    self._window_start = (step, now)
+    if self.is_writer:
+      logging.info(progress_line(step, self.total_steps, values))
+      if self.writer is not None:
+        for name, value in values.items():
+          if name != "step":
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self.writer.flush()
+    return values
+
+  def close(self) -> None:
+    self.flush()
+    if self.writer is not None:
+      self.writer.close()
+
+
+class ProfileWindow:
+  """Traces steps [start, start + num) with jax.profiler into `<workdir>/profile`."""
+
+  def __init__(self, workdir: str, start: int, num: int):
+    self.logdir = os.path.join(workdir, "profile")
+    self.start, self.stop = start, start + num
+    self.enabled = num > 0
+    self.active = False
+
+  def before_step(self, step: int) -> None:
+    """Call with the step about to run (0-based count of finished steps)."""
+    if self.enabled and not self.active and step == self.start:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+    elif self.active and step >= self.stop:
+      self.end()
+
+  def end(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("profile of steps [%d, %d) written to %s", self.start, self.stop, self.logdir)
+
+
+def memory_summary(compiled: Any) -> dict[str, int]:
+  """Per-device bytes of a compiled executable (arguments, outputs, temporaries...)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+  out = {f.replace("_size_in_bytes", ""): int(getattr(stats, f, 0)) for f in fields}
+  # Donated arguments alias outputs: count those bytes once.
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+  return out
+
+
+def format_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
+  return str(n)
+
