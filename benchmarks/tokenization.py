@@ -1,8 +1,8 @@
 r"""Throughput of the SSL front-end: audio hours tokenized per device-hour.
 
-  python benchmarks/tokenize.py                          # batch 16 x 10 s (the target setting)
-  python benchmarks/tokenize.py --batch=2 --seconds=5    # small enough for a CPU
-  python benchmarks/tokenize.py --dtype=bfloat16         # accelerators
+  python benchmarks/tokenization.py                          # batch 16 x 10 s (the target setting)
+  python benchmarks/tokenization.py --batch=2 --seconds=5    # small enough for a CPU
+  python benchmarks/tokenization.py --dtype=bfloat16         # accelerators
 
 Chains, each timed separately (one jitted function per row, random weights
 at the released sizes, speed does not depend on their values):
@@ -14,22 +14,14 @@ For each: compile time (separate), the best of `--repeats` timed runs, and
 audio hours per device-hour = batch * seconds / time (= 1 / real-time factor).
 """
 
-import os
-import sys
+import time
 
-# This file shadows the standard library's `tokenize` (which jax, absl and
-# linecache import) when run as a script: drop its folder from the path first.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import time  # noqa: E402  pylint: disable=wrong-import-position
-
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from metis_jax import fbank, ssl_features, w2v_bert  # noqa: E402
+from metis_jax import fbank, ssl_features, w2v_bert
 
 try:
   from metis_jax import semantic_codec

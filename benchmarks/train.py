@@ -31,7 +31,7 @@ from metis_jax import train_compile
 from metis_jax import train_state
 from metis_jax import train_step
 
-REPO_ROOT = os.path.dirname(_HERE)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench(name: str, overrides: list, steps: int, note: str = "") -> dict:
