@@ -27,6 +27,7 @@ EXTRAS_REQUIRE = {
         "pytest>=8.0",
         "torch>=2.4",
         "transformers>=4.41",
+        "phonemizer>=3.3.0",
     ],
     # TPU runtime; also what the AOT dry run (train_compile) needs on a CPU host.
     "tpu": ["jax[tpu]>=0.4.35"],
