@@ -17,7 +17,6 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from metis_jax import config_lib, decoding, metis
 

@@ -11,9 +11,8 @@ same forward pass and normalized per sample.
 """
 
 import dataclasses
-import functools
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

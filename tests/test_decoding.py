@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metis_jax import decoding, masking, metis
+from metis_jax import decoding, masking
 from tests import helpers
 
 
