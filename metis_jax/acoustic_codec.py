@@ -444,3 +444,31 @@ class AcousticCodecInference:
       out[:, s * hop:(s + chunk_frames) * hop] += y * w
       weight[s * hop:(s + chunk_frames) * hop] += w
     return out / weight
+
+
+class AcousticTokenizer:
+  """The codec's encoder behind the data job's `AcousticTokenizer` interface.
+
+  `tokenize(waveforms [batch, samples] at 24 kHz, lengths [batch])` ->
+  (codes int32 `[batch, samples // hop, num_quantizers]`, frame lengths `[batch]`),
+  codes zero past each length.
+  """
+
+  def __init__(self, inference: "AcousticCodecInference"):
+    self.inference = inference
+    self.sample_rate = inference.config.sample_rate
+    self.frame_rate = inference.config.sample_rate // inference.config.hop_size
+    self.num_quantizers = inference.config.num_quantizers
+
+  @classmethod
+  def from_files(cls, encoder_path: str, decoder_path: str) -> "AcousticTokenizer":
+    from metis_jax.conversion import acoustic_codec as convert  # pylint: disable=import-outside-toplevel
+    config, params = convert.load_amphion(encoder_path, decoder_path)
+    return cls(AcousticCodecInference(config, params))
+
+  def tokenize(self, waveforms, lengths):
+    lengths = np.asarray(lengths)
+    codes = np.asarray(self.inference.encode(waveforms, lengths))
+    frames = (lengths // self.inference.hop).astype(np.int32)
+    valid = np.arange(codes.shape[1])[None, :] < frames[:, None]
+    return np.where(valid[..., None], codes, 0).astype(np.int32), frames

@@ -304,6 +304,11 @@ def data_config() -> ml_collections.ConfigDict:
   # Directory of the saved SSL tokenizer (tokenizer.json names its type:
   # 'kmeans' from fit_kmeans, or the w2v-BERT + semantic-codec one).
   c.tokenizer_dir = ""
+  # Optional acoustic codec for the tokenization job: its released encoder and
+  # decoder safetensors (Amphion layout). When set, records also carry the
+  # 24 kHz codec tokens [T, 12] that S2A trains on.
+  c.acoustic_codec_encoder = ""
+  c.acoustic_codec_decoder = ""
   # k of the k-means tokenizer (its vocabulary; must equal model.vocab_size
   # to train on its tokens). More clusters keep more detail, need more data.
   c.kmeans_clusters = 8192

@@ -13,6 +13,7 @@ import pytest
 import soundfile
 
 from metis_jax import config_base
+from metis_jax.data import audio
 from metis_jax.data import demo_corpus
 from metis_jax.data import fit_kmeans
 from metis_jax.data import manifest as manifest_lib
@@ -275,3 +276,29 @@ def test_command_line_entry_points(tmp_path):
                  env=env)
   m = manifest_lib.load(str(tmp_path / "out"))
   assert m["utterances"] == 4 and m["hours_per_language"].keys() == {"fr"} and m["tokenizer"]["vocab_size"] == 8
+
+
+def test_job_with_the_real_acoustic_codec_from_released_files(corpus, tokenizer, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from metis_jax import acoustic_codec  # pylint: disable=g-import-not-at-top
+  from metis_jax.conversion import acoustic_codec as convert  # pylint: disable=g-import-not-at-top
+  config = acoustic_codec.AcousticCodecConfig(encoder_dim=4, latent_dim=8, codebook_size=32,
+                                              vocos_dim=16, vocos_intermediate_dim=32, vocos_num_layers=1)
+  params = acoustic_codec.init_params(acoustic_codec.AcousticCodec(config), jax.random.key(0))
+  enc, dec = str(tmp_path / "encoder.safetensors"), str(tmp_path / "decoder.safetensors")
+  convert.save_amphion(enc, dec, params, config)
+  cfg = _cfg(files_per_shard=16, acoustic_codec_encoder=enc, acoustic_codec_decoder=dec)
+  out = str(tmp_path / "ac")
+  tokenize.run(cfg, corpus, out, tokenizer=tokenizer,
+               acoustic_tokenizer=tokenize.acoustic_tokenizer_from_config(cfg), log=QUIET)
+  codec = acoustic_codec.AcousticCodecInference(config, params)
+  rows = _records(out)
+  assert rows
+  for r in rows[:2]:
+    wav, rate = soundfile.read(os.path.join(corpus, r["id"] + ".wav"), dtype="float32")
+    wav24 = audio.resample(wav, rate, 24000)
+    expected = np.asarray(codec.encode(wav24[None]))[0]
+    assert r["acoustic_tokens"].shape == (len(wav24) // 480, 12)
+    np.testing.assert_array_equal(r["acoustic_tokens"], expected)
+  with pytest.raises(ValueError, match="decoder"):
+    tokenize.acoustic_tokenizer_from_config(_cfg(acoustic_codec_encoder=enc))
