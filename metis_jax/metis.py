@@ -33,11 +33,7 @@ class MetisConfig:
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "MetisConfig":
-    backbone = transformer.BackboneConfig(
-        hidden_size=model.hidden_size, num_layers=model.num_layers, num_heads=model.num_heads,
-        mlp_ratio=model.mlp_ratio, rope_theta=model.rope_theta, norm_eps=model.norm_eps,
-        dtype=model.dtype, param_dtype=model.param_dtype, scan_layers=model.scan_layers,
-        remat_policy=model.remat_policy, attention_impl=model.attention_impl)
+    backbone = transformer.BackboneConfig.from_config(model)
     return cls(backbone=backbone, vocab_size=model.vocab_size, use_phone_cond=model.use_phone_cond,
                phone_vocab_size=model.phone_vocab_size, phone_pad_id=model.phone_pad_id,
                cond_feature_dim=model.cond_feature_dim, adapter_gated=model.adapter_gated)

@@ -35,11 +35,7 @@ class S2AConfig:
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "S2AConfig":
-    backbone = transformer.BackboneConfig(
-        hidden_size=model.hidden_size, num_layers=model.num_layers, num_heads=model.num_heads,
-        mlp_ratio=model.mlp_ratio, rope_theta=model.rope_theta, norm_eps=model.norm_eps,
-        dtype=model.dtype, param_dtype=model.param_dtype, scan_layers=model.scan_layers,
-        remat_policy=model.remat_policy, attention_impl=model.attention_impl)
+    backbone = transformer.BackboneConfig.from_config(model)
     return cls(backbone=backbone, codebook_size=model.vocab_size,
                num_quantizers=model.num_quantizers, cond_vocab_size=model.cond_vocab_size,
                predicts_first_layer=model.predicts_first_layer,

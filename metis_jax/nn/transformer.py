@@ -36,6 +36,15 @@ class BackboneConfig:
   remat_policy: str = "none"
   attention_impl: str = ""
 
+  @classmethod
+  def from_config(cls, model) -> "BackboneConfig":
+    """From `config.model` (the fields of `config_base.model_config`)."""
+    return cls(hidden_size=model.hidden_size, num_layers=model.num_layers,
+               num_heads=model.num_heads, mlp_ratio=model.mlp_ratio, rope_theta=model.rope_theta,
+               norm_eps=model.norm_eps, dtype=model.dtype, param_dtype=model.param_dtype,
+               scan_layers=model.scan_layers, remat_policy=model.remat_policy,
+               attention_impl=model.attention_impl)
+
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
