@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from metis_jax import config_lib
 from metis_jax import sharding
 from metis_jax.nn import conv
 from metis_jax.nn import quantizer as vq
@@ -78,13 +79,12 @@ class AcousticCodecConfig:
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "AcousticCodecConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in model.items() if k in fields})
+    return config_lib.dataclass_from_config(cls, model)
 
 
 def model_config() -> ml_collections.ConfigDict:
   """`config.model` of the acoustic codec (the released sizes)."""
-  return ml_collections.ConfigDict(dataclasses.asdict(AcousticCodecConfig()))
+  return config_lib.config_from_dataclass(AcousticCodecConfig())
 
 
 def train_config() -> ml_collections.ConfigDict:

@@ -6,6 +6,7 @@ tests, with the same strictness: overriding an undeclared key is an error.
 """
 
 import ast
+import dataclasses
 import importlib.util
 import os
 from typing import Sequence
@@ -75,3 +76,14 @@ def _parse_like(raw: str, current, key: str):
       isinstance(current, (tuple, list)) and isinstance(value, (tuple, list))):
     raise ValueError(f"config key {key!r} is {type(current).__name__}, got {raw!r}")
   return type(current)(value) if isinstance(current, (tuple, list)) else value
+
+
+def dataclass_from_config(cls, config: ml_collections.ConfigDict):
+  """Builds the (frozen) dataclass `cls` from the matching fields of `config`."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in config.items() if k in fields})
+
+
+def config_from_dataclass(instance) -> ml_collections.ConfigDict:
+  """A ConfigDict holding every field of a dataclass instance (its defaults, documented there)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(instance))

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from metis_jax import config_lib
 from metis_jax import sharding
 from metis_jax.nn import quantizer as vq
 from metis_jax.nn import vocos
@@ -46,13 +47,12 @@ class SemanticCodecConfig:
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "SemanticCodecConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in model.items() if k in fields})
+    return config_lib.dataclass_from_config(cls, model)
 
 
 def model_config() -> ml_collections.ConfigDict:
   """`config.model` of the semantic codec (the released sizes)."""
-  return ml_collections.ConfigDict(dataclasses.asdict(SemanticCodecConfig()))
+  return config_lib.config_from_dataclass(SemanticCodecConfig())
 
 
 def train_config() -> ml_collections.ConfigDict:

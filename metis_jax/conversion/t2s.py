@@ -12,8 +12,6 @@ Amphion key layout (Linear weights `[out, in]`):
 """
 
 import json
-from typing import Callable
-
 import ml_collections
 import numpy as np
 
@@ -217,5 +215,3 @@ def save_amphion(path: str, params: dict, model: ml_collections.ConfigDict) -> N
                                 "use_phone_cond": model.use_phone_cond})}
   common.save_safetensors(path, params_to_amphion(params, model), meta)
 
-
-Converter = Callable[[dict, ml_collections.ConfigDict], dict]
