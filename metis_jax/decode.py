@@ -31,8 +31,20 @@ and generated chunk by chunk, each chunk prompted with the previous one
 (`--chunk_prompt original` reuses the example's prompt), and joined.
 
 Batching: examples are grouped by length into a few padded shapes (one
-compilation each) and run `--batch_size` at a time; a progress line reports
+compilation each) and run `--batch_size` at a time (the global batch,
+rounded up to a multiple of the devices); a progress line reports
 examples/s and the real-time factor.
+
+Devices and processes: each batch is laid out over a mesh of all devices
+(`--mesh_data/--mesh_fsdp/--mesh_tensor`, default pure data parallel with
+replicated parameters; `--devices_per_process` to use fewer). A multi-process
+job (`--coordinator_address/--num_processes/--process_id` as for training, or
+the METIS_* variables of launch/local_multiprocess.py) runs the same command
+in every process: process p owns the examples whose manifest index i has
+i % P == p, fills its rows of every global batch with them and writes their
+wavs; the report and summary, merged in manifest order, are written by
+process 0, which also prints the progress. Outputs do not depend on the
+number of devices or processes.
 """
 
 import dataclasses
@@ -100,11 +112,20 @@ FLAG_SPECS = (
     ("s2a_temperature", _FLOAT, None, "S2A sampling temperature."),
     ("seed", _INT, 0, "Seed; each manifest example draws from fold_in(seed, crc32(id)), a single "
      "example from its own fixed stream."),
-    ("batch_size", _INT, 8, "Examples per batch."),
+    ("batch_size", _INT, 8, "Examples per batch, over all devices and processes (rounded up to a "
+     "multiple of the devices the batch is split over)."),
     ("token_quantum", _INT, 50, "Padding multiple of token lengths (50 = 1 s; audio is padded alike): "
      "larger = fewer compilations, more wasted compute."),
     ("phone_quantum", _INT, 32, "Padding multiple of phone sequences."),
     ("prompt_context", _BOOL, True, "Decode the prompt's codes with the output (no click at the start)."),
+    # Devices and processes.
+    ("mesh_data", _INT, -1, "Data-parallel ways of the decode mesh (-1 = the devices left)."),
+    ("mesh_fsdp", _INT, 1, "FSDP ways (the batch and the parameters' `embed` axis are split)."),
+    ("mesh_tensor", _INT, 1, "Tensor-parallel ways (heads / MLP / vocabulary split; inside a process)."),
+    ("devices_per_process", _INT, 0, "Devices used in each process (0 = all)."),
+    ("coordinator_address", _STR, None, "host:port of process 0 for multi-process jobs."),
+    ("num_processes", _INT, None, "Number of processes in the job."),
+    ("process_id", _INT, None, "This process's index in [0, num_processes)."),
     # Evaluation.
     ("evaluate", _BOOL, True, "Compute metrics where references exist (NLL, SI-SNR, mel distance)."),
     ("asr_hook", _STR, None, "ASR for WER: 'module:factory', factory(weights)(wav, rate, lang) -> text."),
@@ -257,6 +278,7 @@ def build_engine(args: Args, task):
   import jax  # pylint: disable=g-import-not-at-top
   from metis_jax import decode_engine, decoding, model_loading, s2a_decoding  # pylint: disable=g-import-not-at-top
   d = decode_defaults(args, task.name)
+  layout = make_layout(args)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else None)
   missing = [f"--{n}" for n in ("s2a_full", "tokenizer") if not args.values.get(n)]
   if not (args.codec or (args.codec_encoder and args.codec_decoder)):
@@ -289,10 +311,21 @@ def build_engine(args: Args, task):
       batch_size=args.batch_size, token_quantum=args.token_quantum, phone_quantum=args.phone_quantum,
       audio_quantum_seconds=args.token_quantum / 50.0, prompt_context=args.prompt_context)
   try:
-    engine = decode_engine.SpeechEngine(tokenizer, codec, full, first, stage1, options)
+    engine = decode_engine.SpeechEngine(tokenizer, codec, full, first, stage1, options, layout)
   except ValueError as e:
     raise UsageError(str(e)) from e
   return engine
+
+
+def make_layout(args: Args):
+  """The decode mesh of the flags -> batch_layout.BatchLayout."""
+  from metis_jax import batch_layout  # pylint: disable=g-import-not-at-top
+  try:
+    devices = batch_layout.select_devices(args.devices_per_process)
+    mesh = batch_layout.make_mesh(args.mesh_data, args.mesh_fsdp, args.mesh_tensor, devices)
+    return batch_layout.BatchLayout(mesh)
+  except ValueError as e:
+    raise UsageError(f"decode mesh: {e}") from e
 
 
 # The last engine built, reused by the next run with the same files and options
@@ -318,7 +351,8 @@ def cached_engine(args: Args, task):
   d = decode_defaults(args, task.name)
   names = ("model", "s2a_full", "s2a_1layer", "codec", "codec_encoder", "codec_decoder", "tokenizer")
   key = (tuple(_file_stamp(args.values.get(n)) for n in names), d, args.dtype, args.batch_size,
-         args.token_quantum, args.phone_quantum, args.prompt_context)
+         args.token_quantum, args.phone_quantum, args.prompt_context, args.mesh_data, args.mesh_fsdp,
+         args.mesh_tensor, args.devices_per_process)
   if key not in _ENGINE_CACHE:
     _ENGINE_CACHE.clear()
     _ENGINE_CACHE[key] = build_engine(args, task)
@@ -329,13 +363,18 @@ def cached_engine(args: Args, task):
 
 
 class Progress:
-  """Prints one line per batch: stage, examples done, examples/s and RTF so far."""
+  """Prints one line per batch: stage, examples done, examples/s and RTF so far.
+
+  Counts are this process's plus the other processes' as of the last `sync`
+  (a collective); only the process with `stream` set prints.
+  """
 
   def __init__(self, total: int, stream=None):
-    self.total, self.stream = total, stream or sys.stderr
+    self.total, self.stream = total, stream
     self.start = time.perf_counter()
     self.done = self.failed = 0
     self.seconds = 0.0
+    self.others = np.zeros(3)  # done, failed, seconds of the other processes
 
   def finished(self, seconds: float) -> None:
     self.done += 1
@@ -344,12 +383,21 @@ class Progress:
   def failure(self) -> None:
     self.failed += 1
 
+  def sync(self, layout) -> None:
+    """Learns the other processes' counts (every process must call it)."""
+    if layout.multiprocess:
+      own = np.asarray([self.done, self.failed, self.seconds], np.float32)
+      self.others = layout.allgather(own).astype(np.float64).sum(0) - own
+
   def line(self, stage: str, n: int, wall: float) -> None:
+    if self.stream is None:
+      return
     elapsed = time.perf_counter() - self.start
-    rate = self.done / elapsed if elapsed > 0 else 0.0
-    rtf = f"{elapsed / self.seconds:.3f}" if self.seconds else "-"
-    failed = f" ({self.failed} failed)" if self.failed else ""
-    print(f"[decode] {stage}: {n} in {wall:.2f} s | {self.done}/{self.total} done{failed}, "
+    done, failed, seconds = np.asarray([self.done, self.failed, self.seconds]) + self.others
+    rate = done / elapsed if elapsed > 0 else 0.0
+    rtf = f"{elapsed / seconds:.3f}" if seconds else "-"
+    failed = f" ({failed:.0f} failed)" if failed else ""
+    print(f"[decode] {stage}: {n} in {wall:.2f} s | {done:.0f}/{self.total} done{failed}, "
           f"{rate:.2f} examples/s, RTF {rtf}, {elapsed:.1f} s", file=self.stream, flush=True)
 
 
@@ -374,8 +422,18 @@ def run(args: Args, stream=None) -> dict:
   return _Run(args, stream or sys.stderr).run()
 
 
+def owner(index: int, process_count: int) -> int:
+  """The process that decodes the example at manifest position `index` (round robin)."""
+  return index % process_count
+
+
 class _Run:
-  """One invocation: examples -> jobs -> tokens -> generation rounds -> wavs and report."""
+  """One invocation: examples -> jobs -> tokens -> generation rounds -> wavs and report.
+
+  With several processes each runs this on its own share of the examples;
+  every engine call and `Progress.sync` is collective, so all processes make
+  them in the same order, with or without examples of their own.
+  """
 
   def __init__(self, args: Args, stream):
     from metis_jax import decode_tasks, evaluation, g2p as g2p_lib  # pylint: disable=g-import-not-at-top
@@ -385,10 +443,16 @@ class _Run:
       self.task = decode_tasks.get_task(args.task)
     except ValueError as e:
       raise UsageError(str(e)) from e
-    self.examples, self.bad = read_examples(args)
-    if not self.examples and not self.bad:
+    examples, bad = read_examples(args)
+    if not examples and not bad:
       raise UsageError(f"{args.manifest}: no examples")
     self.engine, self.defaults = cached_engine(args, self.task)
+    self.layout = self.engine.layout
+    rank, count = self.layout.process_rank, self.layout.process_count
+    self.primary = rank == 0
+    self.examples = [ex for ex in examples if owner(ex.index, count) == rank]
+    self.bad = [(ex, m) for ex, m in bad if owner(ex.index, count) == rank]
+    self.total = len(examples) + len(bad)
     self.asr = evaluation.load_hook(args.asr_hook, args.asr_weights) if args.asr_hook else None
     self.speaker = (evaluation.load_hook(args.speaker_hook, args.speaker_weights)
                     if args.speaker_hook else None)
@@ -411,36 +475,39 @@ class _Run:
         chunk_seconds=args.chunk_seconds, max_prompt_seconds=args.max_prompt_seconds,
         prompt_seconds=args.prompt_seconds)
     self.ctx = decode_tasks.Context(settings, lambda: g2p, uses_phones, self.engine.stage1 is not None)
-    self.report = evaluation.Report(report_path(args))
-    self.progress = Progress(len(self.examples) + len(self.bad), stream)
+    # Process 0 writes the report (its own rows as they come, everyone's at the end).
+    self.report = evaluation.Report(report_path(args) if self.primary else None)
+    self.progress = Progress(self.total, stream if self.primary else None)
     self.jobs: list = []
     self.keys: dict = {}
 
-  def log(self, message: str) -> None:
-    print(f"[decode] {message}", file=self.stream, flush=True)
+  def log(self, message: str, every_process: bool = False) -> None:
+    if self.primary or every_process:
+      print(f"[decode] {message}", file=self.stream, flush=True)
 
   def fail(self, example, message: str) -> None:
     self.report.add({"id": example.id, "index": example.index, "task": self.task.name,
                      "status": "error", "error": message, "out": example.out_path})
     self.progress.failure()
-    self.log(f"{example.id}: FAILED: {message}")
+    self.log(f"{example.id}: FAILED: {message}", every_process=True)
 
   def account(self, weighted_jobs):
     """A progress callback spreading each batch's wall time over its jobs (by weight)."""
-    def callback(stage, indices, wall):
+    def callback(stage, indices, wall, total):
       members = [weighted_jobs[i] for i in indices]
       weights = np.asarray([max(1, w) for _, w in members], np.float64)
-      for (job, _), share in zip(members, weights / weights.sum()):
+      for (job, _), share in zip(members, weights / max(weights.sum(), 1.0)):
         job.wall_seconds += wall * share
-      self.progress.line(stage, len(indices), wall)
+      self.progress.line(stage, total, wall)
     return callback
 
   def run(self) -> dict:
     from metis_jax import decode_tasks  # pylint: disable=g-import-not-at-top
     d = self.defaults
-    self.log(f"task {self.task.name}: {len(self.examples) + len(self.bad)} examples; stage 1 "
+    self.log(f"task {self.task.name}: {self.total} examples; stage 1 "
              f"{d.steps} steps cfg {d.cfg}; S2A {list(d.s2a_steps)} cfg {d.s2a_cfg} "
-             f"(layer 0: {d.s2a_first_steps} steps cfg {d.s2a_first_cfg})")
+             f"(layer 0: {d.s2a_first_steps} steps cfg {d.s2a_first_cfg}); batches of "
+             f"{self.engine.rows} on {self.layout.describe()}")
     for ex, message in self.bad:
       self.fail(ex, message)
     for ex in self.examples:
@@ -448,6 +515,7 @@ class _Run:
         self.jobs.append(self.task.prepare(ex, self.ctx))
       except decode_tasks.ExampleError as e:
         self.fail(ex, str(e))
+    self.progress.sync(self.layout)
     self.keys = {j.example.id: _keys(self.args.seed, j.example.stream_name) for j in self.jobs}
     self.encode()
     if self.args.evaluate and self.engine.stage1 is not None:
@@ -468,16 +536,16 @@ class _Run:
         wav16.append(j.source_wav16); wav24.append(j.reference_wav24); slots.append((j, "source"))
       if j.reference_wav16 is not None:
         wav16.append(j.reference_wav16); wav24.append(None); slots.append((j, "reference"))
-    if slots:
-      tokens, codes = self.engine.encode_audio(
-          wav16, wav24, self.account([(j, len(w) // 320) for (j, _), w in zip(slots, wav16)]))
-      for (j, kind), tok, code in zip(slots, tokens, codes):
-        if kind == "prompt":
-          j.prompt_semantic, j.prompt_acoustic = tok, code
-        elif kind == "source":
-          _setup_resynth(j, tok, code, self.engine)
-        else:
-          j.reference_semantic = tok
+    # Collective: called even when this process has nothing to encode.
+    tokens, codes = self.engine.encode_audio(
+        wav16, wav24, self.account([(j, len(w) // 320) for (j, _), w in zip(slots, wav16)]))
+    for (j, kind), tok, code in zip(slots, tokens, codes):
+      if kind == "prompt":
+        j.prompt_semantic, j.prompt_acoustic = tok, code
+      elif kind == "source":
+        _setup_resynth(j, tok, code, self.engine)
+      else:
+        j.reference_semantic = tok
     for j in self.jobs:
       if j.error is None and j.prompt_semantic is not None and len(j.prompt_semantic) == 0:
         j.error = "prompt_wav: too short to give any SSL token"
@@ -488,8 +556,6 @@ class _Run:
     """NLL of the references' SSL tokens under the stage-1 model (independent of the outputs)."""
     scored = [j for j in self.jobs if j.error is None and j.reference_semantic is not None
               and len(j.reference_semantic) and j.prompt_semantic is not None]
-    if not scored:
-      return
     items = [_nll_item(j, self.engine, self.keys[j.example.id]) for j in scored]
     try:
       for j, nll in zip(scored, self.engine.masked_nll(items)):
@@ -502,10 +568,13 @@ class _Run:
     """Round r generates chunk r of every job that has one (prompted by chunk r - 1)."""
     live = [j for j in self.jobs if j.error is None]
     mode = self.args.chunk_prompt
-    for r in range(max((len(j.chunks) for j in live), default=0)):
+    rounds = max((len(j.chunks) for j in live), default=0)
+    rounds = int(self.layout.allgather(np.asarray([rounds], np.int32)).max())
+    for r in range(rounds):
       active = [j for j in live if j.error is None and len(j.chunks) > r]
       need = [j for j in active if j.chunks[r].semantic is None]
-      if need:
+      # With a stage-1 model the call is collective (made with or without jobs of this process).
+      if need or self.engine.stage1 is not None:
         items = [_stage1_item(j, r, mode, self.engine, self.keys[j.example.id]) for j in need]
         out = self._guarded("stage 1", need, lambda: self.engine.semantic(
             items, self.account([(j, j.chunks[r].tokens) for j in need])))
@@ -521,6 +590,7 @@ class _Run:
           j.chunks[r].audio, j.chunks[r].codes = res
           if r == len(j.chunks) - 1:
             self.finish(j)
+      self.progress.sync(self.layout)
 
   @staticmethod
   def _guarded(stage: str, jobs, fn) -> list:
@@ -561,10 +631,20 @@ class _Run:
     self.progress.finished(seconds)
 
   def close(self) -> dict:
+    """Merges every process's report rows (process 0 writes them in manifest order); returns the
+    summary of all examples (the same on every process)."""
+    if self.layout.multiprocess:
+      every = self.layout.allgather_json(self.report.rows)  # also the barrier before writing
+      for rank, rows in enumerate(every):
+        if rank != self.layout.process_rank:
+          for row in rows:
+            self.report.add(row)
     self.report.close()
     wall = time.perf_counter() - self.t_start
     summary = self.report.summary(wall)
-    summary["report"] = self.report.path
+    summary["report"] = report_path(self.args)
+    if not self.primary:
+      return summary
     if self.args.manifest:
       with open(os.path.join(self.args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
@@ -572,7 +652,7 @@ class _Run:
     rtf = f"{summary['rtf']:.3f}" if summary["rtf"] else "-"
     self.log(f"{summary['ok']}/{summary['examples']} examples, {summary['audio_seconds']:.1f} s of "
              f"audio in {wall:.1f} s ({summary['examples_per_second']:.2f} examples/s, RTF {rtf}); "
-             f"report {self.report.path}")
+             f"report {summary['report']}")
     return summary
 
 
@@ -654,6 +734,19 @@ def _metrics(job, audio, asr, speaker) -> dict:
 # ----------------------------------------------------------------------------- entry points
 
 
+def start_processes(args: Args) -> None:
+  """Joins the multi-process job the flags (or METIS_* variables, or a TPU VM) describe, if any.
+  Must come before anything touches the devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from metis_jax import distributed  # pylint: disable=g-import-not-at-top
+  if jax.distributed.is_initialized():
+    return
+  try:
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
+
+
 def run_cli(argv: Sequence[str], stream=None) -> int:
   """Parses `argv` (argv[0] is the program name) and runs; returns the exit status."""
   stream = stream or sys.stderr
@@ -663,8 +756,10 @@ def run_cli(argv: Sequence[str], stream=None) -> int:
   except flags.Error as e:
     print(f"error: {e}", file=stream)
     return 2
+  args = Args.from_flags(fv)
   try:
-    summary = run(Args.from_flags(fv), stream)
+    start_processes(args)
+    summary = run(args, stream)
   except UsageError as e:
     print(f"error: {e}", file=stream)
     return 2

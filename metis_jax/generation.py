@@ -96,23 +96,39 @@ class SpeechRenderer:
     self._full_decoder = full.decoder()
     self._first_decoder = first_layer.decoder() if first_layer is not None else None
 
+  @property
+  def params(self) -> dict:
+    """Every parameter the renderer uses: {"full", "first", "codec"} (None where absent), for
+    `apply` (e.g. placed on a mesh once and passed to a jitted, sharded call)."""
+    return {"full": self.full.params,
+            "first": self.first_layer.params if self.first_layer is not None else None,
+            "codec": getattr(self.codec, "params", None)}
+
   def codes(self, rng, prompt_semantic, prompt_acoustic, prompt_lengths, target_semantic,
-            target_lengths) -> jax.Array:
+            target_lengths, params: Optional[dict] = None) -> jax.Array:
     """Codec codes `[batch, T, num_quantizers]` for the target (prompts already aligned)."""
+    params = self.params if params is None else params
     rng_first, rng_full = jax.random.split(rng) if rng.shape == () else (
         jax.vmap(lambda k: jax.random.fold_in(k, 0))(rng), jax.vmap(lambda k: jax.random.fold_in(k, 1))(rng))
     given = None
     if self._first_decoder is not None:
-      given = self._first_decoder(self.first_layer.params, rng_first, prompt_semantic, prompt_acoustic,
+      given = self._first_decoder(params["first"], rng_first, prompt_semantic, prompt_acoustic,
                                   prompt_lengths, target_semantic, target_lengths)[..., :1]
-    return self._full_decoder(self.full.params, rng_full, prompt_semantic, prompt_acoustic,
+    return self._full_decoder(params["full"], rng_full, prompt_semantic, prompt_acoustic,
                               prompt_lengths, target_semantic, target_lengths, given=given)
 
   def __call__(self, rng, prompt_semantic, prompt_semantic_lengths, prompt_acoustic,
                prompt_acoustic_lengths, target_semantic, target_lengths):
-    """Renders a batch.
+    """Renders a batch with the renderer's own parameters (see `apply`)."""
+    return self.apply(self.params, rng, prompt_semantic, prompt_semantic_lengths, prompt_acoustic,
+                      prompt_acoustic_lengths, target_semantic, target_lengths)
+
+  def apply(self, params: dict, rng, prompt_semantic, prompt_semantic_lengths, prompt_acoustic,
+            prompt_acoustic_lengths, target_semantic, target_lengths):
+    """Renders a batch; a pure function of `params` (`self.params`-shaped), so it can be traced.
 
     Args:
+      params: {"full", "first", "codec"} parameters.
       rng: one PRNG key or `[batch]` keys.
       prompt_semantic: `[batch, P]` SSL tokens of the prompt; lengths `[batch]`.
       prompt_acoustic: `[batch, Pa, 12]` codec codes of the prompt; lengths `[batch]`.
@@ -127,18 +143,31 @@ class SpeechRenderer:
     prompt_semantic, prompt_acoustic = prompt_semantic[:, :width], prompt_acoustic[:, :width]
     target_lengths = jnp.asarray(target_lengths)
     codes = self.codes(rng, jnp.asarray(prompt_semantic), jnp.asarray(prompt_acoustic), prompt_lengths,
-                       jnp.asarray(target_semantic), target_lengths)
+                       jnp.asarray(target_semantic), target_lengths, params=params)
     hop = self.codec.hop
     target_len = codes.shape[1]
     if self.prompt_context:
       n_q = codes.shape[-1]
       joined = join_prompt_and_target(jnp.asarray(prompt_acoustic)[..., :n_q].astype(jnp.int32),
                                       prompt_lengths, codes, target_lengths)
-      audio = self.codec.decode(joined, prompt_lengths + target_lengths)
+      audio = codec_call(self.codec, params["codec"], "decode", joined, prompt_lengths + target_lengths)
       start = (prompt_lengths * hop)[:, None] + jnp.arange(target_len * hop)[None, :]
       audio = jnp.take_along_axis(audio, jnp.clip(start, 0, audio.shape[1] - 1), axis=1)
     else:
-      audio = self.codec.decode(codes, target_lengths)
+      audio = codec_call(self.codec, params["codec"], "decode", codes, target_lengths)
     samples = target_lengths * hop
     audio = jnp.where(jnp.arange(target_len * hop)[None, :] < samples[:, None], audio, 0.0)
     return audio, samples, codes
+
+
+def codec_call(codec, params, method: str, *args) -> jax.Array:
+  """`codec.<method>(*args)` ("encode" / "decode") with explicit `params`.
+
+  A codec holding a flax `model` and its `params` (AcousticCodecInference)
+  is applied to the given parameters, so the call can be traced with them as
+  an argument (not baked in as constants); any other codec is called as is.
+  """
+  model = getattr(codec, "model", None)
+  if params is None or model is None:
+    return getattr(codec, method)(*args)
+  return model.apply({"params": params}, *(jnp.asarray(a) for a in args), method=getattr(type(model), method))

@@ -5,6 +5,10 @@ each dimension up to a multiple of its quantum, the batch up to
 `batch_size` (with copies of a real row, whose outputs are discarded). Items
 are sorted by padded size before being cut into batches, so rows of a batch
 are alike and padding stays small; outputs go back to the items' own order.
+
+With several processes each cuts its own items into batches of its rows of
+the global batch; `merge_plans` makes the global batches all processes run:
+batch k of every process together, padded to the largest of them.
 """
 
 import dataclasses
@@ -69,3 +73,23 @@ def pad_lengths(lengths: Sequence[int], batch_size: int) -> np.ndarray:
   """`[batch_size]` int32 lengths; missing rows repeat the last length."""
   lengths = list(lengths)
   return np.asarray(lengths + [lengths[-1]] * (batch_size - len(lengths)), np.int32)
+
+
+def merge_plans(plans: Sequence[Sequence[Sequence[int]]]) -> list[tuple[tuple, int]]:
+  """Per process, its batches as (padded sizes..., real rows) -> the global batches.
+
+  Args:
+    plans: one list per process of `(size_0, ..., size_{d-1}, rows)` rows.
+
+  Returns:
+    [(shape, rows)] for k in range(longest plan): the elementwise max of the
+    processes' k-th batch shapes and the sum of their rows (a process
+    with fewer batches fills batch k with padding rows only).
+  """
+  longest = max((len(p) for p in plans), default=0)
+  merged = []
+  for k in range(longest):
+    present = [tuple(int(v) for v in p[k]) for p in plans if len(p) > k]
+    shape = tuple(max(b[d] for b in present) for d in range(len(present[0]) - 1))
+    merged.append((shape, sum(b[-1] for b in present)))
+  return merged

@@ -11,18 +11,27 @@ TSE). A saved tokenizer is a folder: `tokenizer.json`, the encoder in the
 Hugging Face layout (`w2v_bert.safetensors`), the statistics
 (`w2v_stats.npz`) and the codec in the Amphion layout
 (`semantic_codec.safetensors`), so released files drop in unchanged.
+
+Batches run sharded over a `batch_layout.BatchLayout` (default: data parallel
+over this process's devices): the jitted function has explicit shardings,
+rows split over the devices and parameters replicated; a batch is padded up
+to a multiple of the devices with copies of its last row, dropped again from
+the outputs. `with_layout` gives the same tokenizer on another layout (e.g.
+the decode mesh over several processes, where every process passes its own
+rows). A row's codes do not depend on the layout.
 """
 
 import dataclasses
 import functools
 import json
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metis_jax import semantic_codec, ssl_features, w2v_bert
+from metis_jax import batch_layout, semantic_codec, ssl_features, w2v_bert
 from metis_jax.conversion import semantic_codec as convert_codec
 from metis_jax.conversion import w2v_bert as convert_w2v
 from metis_jax.data import tokenizer as tokenizer_lib
@@ -50,22 +59,37 @@ def tokenize_features(encoder_config: w2v_bert.W2VBertConfig,
 
 @tokenizer_lib.register(TYPE)
 class W2VBertCodecTokenizer:
-  """w2v-BERT 2.0 (to layer 17) + normalization + semantic codec; jitted, one compile per shape."""
+  """w2v-BERT 2.0 (to layer 17) + normalization + semantic codec; jitted and sharded over `layout`,
+  one compilation per padded shape.
+
+  Args:
+    encoder_config, encoder_params: the w2v-BERT encoder.
+    mean, var: `[hidden]` normalization statistics.
+    codec_config, codec_params: the semantic codec.
+    layout: where batches run (default: `BatchLayout.local()`, all local devices).
+  """
   sample_rate = 16000
   frame_rate = 50
 
-  def __init__(self, encoder_config, encoder_params, mean, var, codec_config, codec_params):
+  def __init__(self, encoder_config, encoder_params, mean, var, codec_config, codec_params,
+               layout: Optional[batch_layout.BatchLayout] = None):
     self.encoder_config, self.codec_config = encoder_config, codec_config
-    self.encoder_params = jax.device_put(encoder_params)
-    self.codec_params = jax.device_put(codec_params)
-    self.mean = jnp.asarray(mean, jnp.float32)
-    self.var = jnp.asarray(var, jnp.float32)
     self.vocab_size = codec_config.codebook_size
-    self._fn = jax.jit(functools.partial(tokenize_features, encoder_config, codec_config))
+    self.layout = layout if layout is not None else batch_layout.BatchLayout.local()
+    params = (encoder_params, np.asarray(mean, np.float32), np.asarray(var, np.float32), codec_params)
+    shardings = jax.tree.map(lambda _: self.layout.replicated, params)
+    self.encoder_params, self.mean, self.var, self.codec_params = self.layout.put_params(params, shardings)
+    pure = functools.partial(tokenize_features, encoder_config, codec_config)
+    self._fn = self.layout.jit(lambda p, w, l: pure(*p, w, l), shardings, 2)
+
+  def with_layout(self, layout: batch_layout.BatchLayout) -> "W2VBertCodecTokenizer":
+    """The same tokenizer running on `layout`."""
+    return type(self)(self.encoder_config, _host(self.encoder_params), _host(self.mean), _host(self.var),
+                      self.codec_config, _host(self.codec_params), layout)
 
   @classmethod
   def from_files(cls, encoder_path: str, stats_path: str, codec_path: str,
-                 encoder_config=None, codec_config=None) -> "W2VBertCodecTokenizer":
+                 encoder_config=None, codec_config=None, layout=None) -> "W2VBertCodecTokenizer":
     """From released files: `facebook/w2v-bert-2.0` safetensors, the stats .npz
     (`conversion.w2v_bert.convert_stats`) and the semantic codec safetensors."""
     encoder_config, encoder_params = convert_w2v.load_hf(encoder_path, encoder_config)
@@ -74,18 +98,31 @@ class W2VBertCodecTokenizer:
     if codec_config.hidden_size != encoder_config.hidden_size:
       raise ValueError(f"{codec_path}: codec width {codec_config.hidden_size} does not match the "
                        f"encoder's {encoder_config.hidden_size}")
-    return cls(encoder_config, encoder_params, mean, var, codec_config, codec_params)
+    return cls(encoder_config, encoder_params, mean, var, codec_config, codec_params, layout)
 
   def encode(self, waveforms, lengths):
-    """(codes `[batch, T]`, lengths `[batch]`, features `[batch, T, hidden]`) as jax arrays."""
-    waveforms = jnp.asarray(waveforms, jnp.float32)
-    lengths = jnp.asarray(lengths, jnp.int32)
-    return self._fn(self.encoder_params, self.mean, self.var, self.codec_params, waveforms, lengths)
+    """(codes `[batch, T]` int32, lengths `[batch]` int32, features `[batch, T, hidden]` float32),
+    numpy, for this process's rows `waveforms` `[batch, samples]` (16 kHz) and `lengths` `[batch]`.
+
+    The rows are padded to a multiple of this process's devices (copies of
+    the last row) and sharded over them; the padding is dropped from the outputs.
+    """
+    waveforms = np.asarray(waveforms, np.float32)
+    lengths = np.asarray(lengths, np.int32)
+    n = waveforms.shape[0]
+    if n == 0:
+      raise ValueError("an empty batch")
+    multiple = self.layout.shards // self.layout.process_count
+    rows = -(-n // multiple) * multiple
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - n, axis=0)]) if rows > n else x
+    params = (self.encoder_params, self.mean, self.var, self.codec_params)
+    out = self._fn(params, self.layout.put(pad(waveforms)), self.layout.put(pad(lengths)))
+    return tuple(self.layout.get(x)[:n] for x in out)
 
   def tokenize(self, waveforms, lengths):
     """SSLTokenizer interface: (tokens int32 `[batch, T]`, token_lengths int32 `[batch]`) numpy."""
     codes, token_lengths, _ = self.encode(waveforms, lengths)
-    return np.asarray(codes), np.asarray(token_lengths)
+    return codes, token_lengths
 
   def config(self) -> dict:
     return {"type": TYPE, "version": 1, "sample_rate": self.sample_rate,
@@ -95,9 +132,10 @@ class W2VBertCodecTokenizer:
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
-    convert_w2v.save_hf(os.path.join(directory, ENCODER_FILE), self.encoder_params, self.encoder_config)
-    np.savez(os.path.join(directory, STATS_FILE), mean=np.asarray(self.mean), var=np.asarray(self.var))
-    convert_codec.save_amphion(os.path.join(directory, CODEC_FILE), self.codec_params, self.codec_config)
+    encoder, mean, var, codec = _host((self.encoder_params, self.mean, self.var, self.codec_params))
+    convert_w2v.save_hf(os.path.join(directory, ENCODER_FILE), encoder, self.encoder_config)
+    np.savez(os.path.join(directory, STATS_FILE), mean=mean, var=var)
+    convert_codec.save_amphion(os.path.join(directory, CODEC_FILE), codec, self.codec_config)
     with open(os.path.join(directory, tokenizer_lib.CONFIG_NAME), "w", encoding="utf-8") as f:
       json.dump(self.config(), f, indent=1)
 
@@ -111,3 +149,8 @@ class W2VBertCodecTokenizer:
     codec_config = semantic_codec.SemanticCodecConfig(**cfg["codec"])
     return cls.from_files(os.path.join(directory, ENCODER_FILE), os.path.join(directory, STATS_FILE),
                           os.path.join(directory, CODEC_FILE), encoder_config, codec_config)
+
+
+def _host(tree):
+  """Numpy copies of replicated (possibly multi-process) arrays: each from one local replica."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x), tree)

@@ -5,11 +5,15 @@ The models (a phone-conditioned stage-1 model as a converted folder, the
 file, the codec as two safetensors files, a k-means tokenizer) are built once
 per module with random weights. The CLI runs in-process (`decode.run_cli`),
 so the runs share one engine and its compilations: all padded shapes are kept
-in one bucket (`--token_quantum 250`, `--phone_quantum 128`).
+in one bucket (`--token_quantum 250`, `--phone_quantum 128`), on one device. The
+last two tests decode on 2 devices, and in 2 processes over loopback.
 """
 
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -70,7 +74,9 @@ def build_models(root):
           "--tokenizer", os.path.join(root, "tokenizer"), "--vocab", VOCAB,
           # Fast decoding and one padded shape for every run of this module.
           "--steps", "2", "--s2a_steps", "2,1", "--s2a_1layer_steps", "2", "--batch_size", "4",
-          "--token_quantum", "250", "--phone_quantum", "128"]
+          "--token_quantum", "250", "--phone_quantum", "128",
+          # One device unless a test asks for more (the session has 8 fake ones).
+          "--devices_per_process", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +248,84 @@ def test_unusable_runs_exit_with_a_clear_error(setup, capsys):
   assert _run(setup, "--task", "continue", "--prompt_wav", wav, "--out", out, "--max_prompt_seconds", "1.0") == 1
   (row,) = _read_report(str(setup["root"] / "err" / "x_report.jsonl"))
   assert "prompt too long for the model" in row["error"] and wav in row["error"]
+
+
+# ----------------------------------------------------------------------------- devices and processes
+
+
+@pytest.fixture(scope="module")
+def spread_manifest(setup, manifest_run):
+  """Examples "a", "b", "c" of `manifest_run` (same ids, so the same random streams) around a
+  missing file: with two processes, "a" goes to process 0 and "b", "c" to process 1."""
+  (a_wav, a_text), (_, b_text), (c_wav, c_text) = (setup["clips"][n] for n in CLIPS)
+  stereo = str(setup["root"] / "manifest" / "stereo.wav")
+  lines = [
+      {"id": "a", "prompt_wav": a_wav, "prompt_text": a_text, "text": "Good morning.", "target_seconds": 1.0},
+      {"id": "b", "prompt_wav": stereo, "prompt_text": b_text, "text": "Nice to see you.",
+       "target_seconds": 2.2},
+      {"id": "missing", "prompt_wav": "nope.wav", "prompt_text": "x", "text": "Hello."},
+      {"id": "c", "prompt_wav": c_wav, "prompt_text": c_text, "text": "The weather is fine.",
+       "reference_wav": a_wav},
+  ]
+  path = setup["root"] / "spread.jsonl"
+  path.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+  return str(path)
+
+
+def _same_outputs_as_one_device(out_dir, baseline_dir, atol=0.0):
+  """The report lists the 4 examples once each, in manifest order; the 3 good ones have the
+  audio the one-device run gave (to `atol`)."""
+  report = _read_report(os.path.join(out_dir, "report.jsonl"))
+  assert [(r["index"], r["id"], r["status"]) for r in report] == [
+      (0, "a", "ok"), (1, "b", "ok"), (2, "missing", "error"), (3, "c", "ok")]
+  summary = json.loads(open(os.path.join(out_dir, "summary.json")).read())
+  assert (summary["examples"], summary["ok"], summary["failed"]) == (4, 3, 1)
+  for ex_id in ("a", "b", "c"):
+    audio, expected = (soundfile.read(os.path.join(d, f"{ex_id}.wav"))[0] for d in (out_dir, baseline_dir))
+    np.testing.assert_allclose(audio, expected, rtol=0, atol=atol)
+  assert sorted(f for f in os.listdir(out_dir) if f.endswith(".wav")) == ["a.wav", "b.wav", "c.wav"]
+  return report
+
+
+def test_two_devices_give_the_audio_of_one(setup, manifest_run, spread_manifest):
+  """The batch of 4 split over 2 devices (2 rows each) decodes as on one device (4 rows)."""
+  _, _, baseline = manifest_run
+  out_dir = str(setup["root"] / "two_devices")
+  assert _run(setup, "--task", "tts", "--manifest", spread_manifest, "--output_dir", out_dir,
+              "--devices_per_process", "2") == 1
+  _same_outputs_as_one_device(out_dir, str(baseline))
+
+
+def test_two_processes_give_the_audio_of_one(setup, manifest_run, spread_manifest, tmp_path):
+  """Two JAX processes (1 CPU device each, gloo over loopback) share the manifest: each writes the
+  wavs of its own examples, process 0 the merged report; the audio is the one-process audio."""
+  _, _, baseline = manifest_run
+  out_dir = str(tmp_path / "out")
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if not k.startswith("METIS_")}
+  # Backend optimization level 0 nearly halves XLA:CPU compile time; its float arithmetic moves a
+  # few samples by one 16-bit step (different tokens would change the audio everywhere).
+  env.update(JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+             PYTHONPATH=conftest.REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+  command = [sys.executable, "-m", "metis_jax.decode"] + setup["flags"] + [
+      "--task", "tts", "--manifest", spread_manifest, "--output_dir", out_dir,
+      "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
+  procs = [subprocess.Popen(command + ["--process_id", str(i)], env=env, cwd=conftest.REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=240)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [1, 1], "\n".join(log[-3000:] for log in logs)
+  _same_outputs_as_one_device(out_dir, str(baseline), atol=2 / 32768)
+  # Progress lines and the summary table come from process 0 only; failures from their owner.
+  assert "examples/s" in logs[0] and "examples/s" not in logs[1]
+  assert "missing: FAILED" in logs[0] and "2 processes" in logs[0]

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from metis_jax import (decode, decode_engine, decode_tasks, evaluation, length_buckets, metis,
-                       model_loading, target_length, text_split)
+from metis_jax import (batch_layout, decode, decode_engine, decode_tasks, decoding, evaluation,
+                       length_buckets, metis, model_loading, target_length, text_split)
 from tests import conftest, helpers
 
 def random_params_like(abstract, seed):
@@ -101,6 +101,25 @@ def test_batches_cover_every_item_once_with_few_padded_shapes():
   rows = length_buckets.stack_padded([np.array([1, 2]), np.array([3])], 4, 3)
   np.testing.assert_array_equal(rows, [[1, 2, 0, 0], [3, 0, 0, 0], [3, 0, 0, 0]])
   np.testing.assert_array_equal(length_buckets.pad_lengths([2, 1], 3), [2, 1, 1])
+
+
+def test_process_plans_merge_into_the_same_global_batches():
+  # Process 0 has two batches, process 1 one (and fewer rows): batch k is padded to the largest.
+  plans = [[(100, 50, 2), (200, 50, 2)], [(150, 100, 1)], []]
+  assert length_buckets.merge_plans(plans) == [((150, 100), 3), ((200, 50), 2)]
+  assert length_buckets.merge_plans([[], []]) == []
+
+
+def test_batch_layout_rows_and_round_trip():
+  layout = batch_layout.BatchLayout(batch_layout.make_mesh(devices=jax.devices()[:4]))
+  assert (layout.shards, layout.process_count, layout.round_rows(5), layout.round_rows(1)) == (4, 1, 8, 4)
+  x = np.arange(24).reshape(8, 3)
+  placed = layout.put(x)
+  assert len(placed.sharding.device_set) == 4 and placed.addressable_shards[0].data.shape == (2, 3)
+  np.testing.assert_array_equal(layout.get(placed), x)
+  assert [len(t) for t in layout.agree([(1, 2), (3, 4)], 2)] == [2]
+  with pytest.raises(ValueError, match="fewer than"):
+    batch_layout.select_devices(100)
 
 
 # ----------------------------------------------------------------------------- tasks and options
@@ -257,19 +276,46 @@ def test_masked_nll_does_not_depend_on_padding():
   params = random_params_like(jax.eval_shape(lambda: metis.init_params(model, jax.random.key(0))), 0)
   engine = decode_engine.SpeechEngine.__new__(decode_engine.SpeechEngine)
   engine.stage1 = model_loading.LoadedModel(cfg, model, params, "tiny")
-  engine._nll = None
+  layout = batch_layout.BatchLayout(batch_layout.make_mesh(devices=jax.devices()[:1]))
   rng = np.random.default_rng(0)
   item = decode_engine.NLLItem(prompt=rng.integers(0, 64, 30), target=rng.integers(0, 64, 20),
                                key=jax.random.key(1))
   other = decode_engine.NLLItem(prompt=rng.integers(0, 64, 70), target=rng.integers(0, 64, 60),
                                 key=jax.random.key(2))
-  engine.options = decode_engine.EngineOptions(batch_size=2, token_quantum=50)
+  engine.set_layout(layout, decode_engine.EngineOptions(batch_size=2, token_quantum=50))
   alone = engine.masked_nll([item])[0]
-  engine.options = decode_engine.EngineOptions(batch_size=2, token_quantum=100)
+  engine.set_layout(layout, decode_engine.EngineOptions(batch_size=2, token_quantum=100))
   together = engine.masked_nll([item, other])
   assert np.isfinite(alone) and alone > 0
   assert together[0] == pytest.approx(alone, rel=1e-5)
   assert together[1] != pytest.approx(alone, rel=1e-3)
+
+
+def test_stage1_tokens_do_not_depend_on_the_parameter_sharding():
+  """Replicated parameters (per-device shard_map) and FSDP-sharded ones (GSPMD under the logical
+  rules) decode the same tokens; so does one device."""
+  cfg = helpers.tiny_model_config(hidden_size=32, num_layers=1, num_heads=2, vocab_size=64,
+                                  use_phone_cond=True)
+  model = metis.MetisModel(metis.MetisConfig.from_config(cfg))
+  params = random_params_like(jax.eval_shape(lambda: metis.init_params(model, jax.random.key(0))), 0)
+  rng = np.random.default_rng(0)
+  items = [decode_engine.Stage1Item(prompt=rng.integers(0, 64, 20 + 7 * i), target_len=30 + 5 * i,
+                                    key=jax.random.key(i), phones=rng.integers(0, 10, 8)) for i in range(3)]
+  outputs = {}
+  for name, (data, fsdp, devices) in {"one": (1, 1, 1), "data": (2, 1, 2), "fsdp": (1, 2, 2)}.items():
+    engine = decode_engine.SpeechEngine.__new__(decode_engine.SpeechEngine)
+    engine.stage1 = model_loading.LoadedModel(cfg, model, params, "tiny")
+    engine._decoder = decoding.MetisDecoder(model, decoding.DecodeOptions(steps=3))
+    layout = batch_layout.BatchLayout(batch_layout.make_mesh(data, fsdp, 1, jax.devices()[:devices]))
+    engine.set_layout(layout, decode_engine.EngineOptions(batch_size=3, token_quantum=50))
+    assert engine.rows == (4 if devices == 2 else 3)
+    sharded = {s.spec for s in jax.tree.leaves(engine._stage1_shardings)} != {jax.sharding.PartitionSpec()}
+    assert sharded == (name == "fsdp")
+    outputs[name] = engine.semantic(items)
+  for one, data, fsdp in zip(outputs["one"], outputs["data"], outputs["fsdp"]):
+    assert len(one) == len(data) == len(fsdp)
+    np.testing.assert_array_equal(data, one)
+    np.testing.assert_array_equal(fsdp, one)
 
 
 # ----------------------------------------------------------------------------- model files

@@ -3,11 +3,12 @@
 import jax
 import numpy as np
 
-from metis_jax import semantic_codec, ssl_tokenizer, w2v_bert
+from metis_jax import batch_layout, config_lib, semantic_codec, ssl_tokenizer, w2v_bert
+from metis_jax.data import tokenize as tokenize_job
 from metis_jax.data import tokenizer as tokenizer_lib
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer(num_devices=1):
   enc_cfg = w2v_bert.W2VBertConfig.small()
   enc_params = w2v_bert.init_params(enc_cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -17,7 +18,8 @@ def _tiny_tokenizer():
       codebook_size=64, hidden_size=enc_cfg.hidden_size, codebook_dim=8, vocos_dim=16,
       vocos_intermediate_dim=32, vocos_num_layers=1)
   codec_params = semantic_codec.init_params(semantic_codec.SemanticCodec(codec_cfg), jax.random.key(1))
-  return ssl_tokenizer.W2VBertCodecTokenizer(enc_cfg, enc_params, mean, var, codec_cfg, codec_params)
+  return ssl_tokenizer.W2VBertCodecTokenizer(enc_cfg, enc_params, mean, var, codec_cfg, codec_params,
+                                             batch_layout.BatchLayout.local(num_devices))
 
 
 def test_tokenizes_batches_like_single_utterances_and_round_trips(tmp_path):
@@ -43,3 +45,37 @@ def test_tokenizes_batches_like_single_utterances_and_round_trips(tmp_path):
   assert type(loaded).__name__ == "W2VBertCodecTokenizer"
   again, _ = loaded.tokenize(wav, lengths)
   np.testing.assert_array_equal(again, codes)
+
+
+def test_sharded_tokenizer_gives_the_unsharded_codes():
+  """3 utterances of different lengths, padded to 4 rows over 2 devices, tokenize as on one."""
+  sharded = _tiny_tokenizer(num_devices=2)
+  single = sharded.with_layout(batch_layout.BatchLayout.local(1))
+  assert (sharded.layout.shards, single.layout.shards) == (2, 1)
+  rng = np.random.default_rng(2)
+  lengths = np.array([16000, 7000, 12345])
+  wav = np.zeros((3, 16000), np.float32)
+  for i, n in enumerate(lengths):
+    wav[i, :n] = 0.1 * rng.standard_normal(n)
+  codes, token_lengths, feats = sharded.encode(wav, lengths)
+  codes1, token_lengths1, feats1 = single.encode(wav, lengths)
+  assert codes.shape == (3, tokenizer_lib.num_ssl_frames(16000))
+  np.testing.assert_array_equal(token_lengths, [tokenizer_lib.num_ssl_frames(n) for n in lengths])
+  np.testing.assert_array_equal(token_lengths, token_lengths1)
+  np.testing.assert_array_equal(codes, codes1)
+  np.testing.assert_allclose(feats, feats1, atol=1e-5)
+  assert len(set(codes[0].tolist())) > 1  # not a degenerate tokenizer
+  # The parameters sit replicated on both devices; the jitted function has explicit shardings.
+  assert sharded.codec_params is not None
+  leaf = jax.tree.leaves(sharded.encoder_params)[0]
+  assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 2
+
+  # The tokenization job hands such a tokenizer numpy batches of a multiple of its devices (here
+  # the 4 x 16000 batch above: no new compilation).
+  cfg = config_lib.load_config("tiny").data
+  cfg.tokenize_bucket_seconds, cfg.tokenize_batch_seconds = 1.0, 8.0
+  runner = tokenize_job.DeviceRunner(sharded, cfg)
+  assert runner.shards_itself and runner.multiple == 2
+  out = runner([wav[i, :n] for i, n in enumerate(lengths)])
+  for i, n in enumerate(lengths):
+    np.testing.assert_array_equal(out[i], codes1[i, :token_lengths1[i]])

@@ -13,7 +13,8 @@ How it works:
   * A unit is decoded on `decode_threads` threads (mono, resampled to 16 kHz,
     and 24 kHz when an acoustic tokenizer is given), checked, grouped by
     length into padded batches of a few fixed shapes, and tokenized by the
-    jitted tokenizer with the batch sharded over all local devices.
+    jitted tokenizer with the batch sharded over all local devices (each
+    process tokenizes its own units on its own devices).
   * Records (see `records`) are written sorted by id; the shard's stats go to
     `tokens-i-of-n.stats.json`, then the shard is renamed into place: a shard
     exists only when complete. A rerun skips finished shards and rewrites
@@ -136,33 +137,50 @@ def length_batches(lengths: Sequence[int], bucket: int, batch_samples: int,
 
 
 class DeviceRunner:
-  """Runs a tokenizer on padded batches sharded over all local devices."""
+  """Runs a tokenizer on padded batches sharded over all local devices.
+
+  A tokenizer with a `layout` and `with_layout` (`ssl_tokenizer.W2VBertCodecTokenizer`) shards
+  its batches itself, with explicit shardings, and takes numpy rows; any
+  other gets its batches already placed on the local devices (its jitted
+  function keeps them sharded). Either way a batch has a multiple of the
+  local device count rows.
+  """
 
   def __init__(self, tokenizer, cfg):
     import jax  # pylint: disable=g-import-not-at-top
     self.tokenizer = tokenizer
     self.devices = jax.local_devices()
-    mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
-    self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    layout = getattr(tokenizer, "layout", None) if hasattr(tokenizer, "with_layout") else None
+    self.shards_itself = layout is not None
+    if self.shards_itself:
+      self.multiple = layout.shards // layout.process_count
+    else:
+      self.multiple = len(self.devices)
+      mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
+      self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     self.rate = int(tokenizer.sample_rate)
     self.bucket = max(1, int(round(cfg.tokenize_bucket_seconds * self.rate)))
     self.batch_samples = int(cfg.tokenize_batch_seconds * self.rate)
     self.seconds = 0.0  # Wall time spent tokenizing.
 
+  def _place(self, x: np.ndarray):
+    if self.shards_itself:
+      return x
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.device_put(x, self.sharding)
+
   def __call__(self, waves: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Tokens for each waveform: a list of int arrays [T] (or [T, q])."""
-    import jax  # pylint: disable=g-import-not-at-top
     out: list[Optional[np.ndarray]] = [None] * len(waves)
     lengths = [len(w) for w in waves]
     t0 = time.perf_counter()
-    for idx, padded, rows in length_batches(lengths, self.bucket, self.batch_samples, len(self.devices)):
+    for idx, padded, rows in length_batches(lengths, self.bucket, self.batch_samples, self.multiple):
       batch = np.zeros((rows, padded), np.float32)
       lens = np.zeros((rows,), np.int32)
       for r, i in enumerate(idx):
         batch[r, :lengths[i]] = waves[i]
         lens[r] = lengths[i]
-      tokens, token_lengths = self.tokenizer.tokenize(jax.device_put(batch, self.sharding),
-                                                      jax.device_put(lens, self.sharding))
+      tokens, token_lengths = self.tokenizer.tokenize(self._place(batch), self._place(lens))
       tokens, token_lengths = np.asarray(tokens), np.asarray(token_lengths)
       for r, i in enumerate(idx):
         out[i] = tokens[r, :int(token_lengths[r])]
