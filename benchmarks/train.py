@@ -1,13 +1,15 @@
 r"""Throughput of the train step on the devices present, and the AOT memory of metis_base on v5p-256.
 
-  python benchmarks/train.py                 # tiny + base (reduced depth on CPU)
-  python benchmarks/train.py --full_base     # the real 16-layer base (accelerators)
+  python benchmarks/train.py                 # tiny + base, S2A tiny + full (reduced depth on CPU)
+  python benchmarks/train.py --full_base     # the real 16-layer base and S2A (accelerators)
 
 For each config: tokens/s, step time and MFU of the jitted train step (state
 donated, synthetic batch, timed after two warm-up steps, blocking only at the
-end of the timed window). On a CPU the full base (16 layers, 1024 tokens per
-sequence) takes minutes per step, so the base row keeps its width, heads and
-vocabulary but uses 2 layers and 256-token sequences (noted in the table).
+end of the timed window). Stage 1 (tiny, metis_base) and S2A (s2a_tiny,
+s2a_full: one codec layer per step) go through the same engine. On a CPU the
+full base (16 layers, 1024 tokens per sequence) takes minutes per step, so the
+base and S2A rows keep their width, heads and vocabularies but use 2 layers
+and 256-token sequences (noted in the table).
 MFU on CPU uses a nominal 1 TFLOP/s peak per device (metrics.CPU_FALLBACK_FLOPS)
 and is not meaningful. The last section runs
 `python -m metis_jax.train_compile --config configs/metis_base.py --topology v5p-256`
@@ -90,14 +92,15 @@ def main() -> int:
   print(f"devices: {jax.device_count()} x {device.device_kind} ({device.platform}); "
         f"peak bf16 {metrics.peak_flops_per_device(device.device_kind) / 1e12:.0f} TFLOP/s per device"
         + (" (nominal CPU figure)" if on_cpu else ""))
-  rows = [bench("tiny", [], args.steps)]
+  rows = [bench("tiny", [], args.steps), bench("s2a_tiny", [], args.steps)]
   n = jax.device_count()
-  if args.full_base or not on_cpu:
-    rows.append(bench("metis_base", [f"train.global_batch_size={8 * n}"], args.steps))
-  else:
-    rows.append(bench("metis_base", ["model.num_layers=2", "train.seq_length=256",
-                                     f"train.global_batch_size={2 * n}", "model.dtype=float32"],
-                      max(2, args.steps // 2), note="reduced: 2 of 16 layers, T=256, fp32 on CPU"))
+  for name in ("metis_base", "s2a_full"):
+    if args.full_base or not on_cpu:
+      rows.append(bench(name, [f"train.global_batch_size={8 * n}"], args.steps))
+    else:
+      rows.append(bench(name, ["model.num_layers=2", "train.seq_length=256",
+                               f"train.global_batch_size={2 * n}", "model.dtype=float32"],
+                        max(2, args.steps // 2), note="reduced: 2 of 16 layers, T=256, fp32 on CPU"))
   header = (f"{'config':<12}{'params':>9}{'layers':>7}{'batch':>10}{'dtype':>10}{'step':>10}"
             f"{'tokens/s':>12}{'MFU':>8}  note")
   print(header)

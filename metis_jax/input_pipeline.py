@@ -1,7 +1,9 @@
 """The trainer's data source: one call, `make_train_iterator(config, mesh, process_index, process_count)`.
 
 It returns an iterator of *global* batches, `{'tokens': int32 [B, T],
-'valid': bool [B, T]}` as `jax.Array`s sharded over (data, fsdp), assembled
+'valid': bool [B, T]}` (plus `'acoustic_tokens': int32 [B, T, Q]` for S2A,
+`config.model.kind = 's2a'`, Q = `model.num_quantizers`; `tokens` are always
+the SSL tokens) as `jax.Array`s sharded over (data, fsdp), assembled
 from each process's rows with `jax.make_array_from_process_local_data`. The
 iterator also has `get_state() -> bytes` / `set_state(bytes)`, so the
 checkpoint saves it as its own item through Grain's Orbax handler (one small
@@ -9,7 +11,8 @@ JSON file per process).
 
 Sources:
   * `config.train.synthetic_data = True`: `SyntheticSource`, deterministic
-    token sequences (no files needed; smoke tests, benchmarks, the demo).
+    token sequences (no files needed; smoke tests, benchmarks, the demo),
+    with acoustic tokens derived from them for S2A (`synthetic_acoustic`).
   * otherwise the Grain pipeline of `metis_jax.data.pipeline` (ArrayRecord
     shards of tokenized speech listed in `config.data.train_sources`). With
     length bucketing (the default) T varies between the bucket lengths and
@@ -26,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from metis_jax import mesh as mesh_lib
+from metis_jax import train_objectives
 
 
 def local_batch_size(global_batch: int, mesh: Mesh, process_count: int) -> int:
@@ -73,12 +77,45 @@ def synthetic_rows(seed: int, step: int, rows: np.ndarray, seq_length: int,
   return {"tokens": tokens, "valid": valid}
 
 
+def synthetic_acoustic(seed: int, step: int, rows: np.ndarray, tokens: np.ndarray, valid: np.ndarray,
+                       num_layers: int, codebook_size: int, noise: float = 0.1) -> np.ndarray:
+  """Deterministic codec tokens for synthetic S2A batches.
+
+  Layer q of frame t is a fixed function of the SSL token at t,
+  `(token * (2q + 3) * 131 + 17 q) mod codebook_size`, replaced by a random
+  code with probability `noise`: an S2A model can learn it from its
+  condition (the loss falls), but not perfectly. Row r depends only on
+  (seed, step, r), like `synthetic_rows`.
+
+  Args:
+    seed, step, rows: as `synthetic_rows`.
+    tokens: int32 `[n, T]` SSL tokens of those rows; valid: bool `[n, T]`.
+    num_layers: Q; codebook_size: C.
+
+  Returns:
+    int32 `[n, T, Q]`, 0 at padding.
+  """
+  q = np.arange(num_layers)
+  codes = (tokens[..., None].astype(np.int64) * (2 * q + 3) * 131 + 17 * q) % codebook_size
+  for i, row in enumerate(rows):
+    rs = np.random.default_rng([seed, step, int(row), 1])
+    flip = rs.random(codes.shape[1:]) < noise
+    codes[i] = np.where(flip, rs.integers(0, codebook_size, codes.shape[1:]), codes[i])
+  return np.where(valid[..., None], codes, 0).astype(np.int32)
+
+
 class SyntheticSource:
-  """Per-process iterator of synthetic local batches; its state is the batch index."""
+  """Per-process iterator of synthetic local batches; its state is the batch index.
+
+  With `acoustic_layers` > 0 (S2A) batches also carry `acoustic_tokens`
+  `[b, T, acoustic_layers]` (see `synthetic_acoustic`).
+  """
 
   def __init__(self, seed: int, global_batch: int, seq_length: int, vocab_size: int,
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, acoustic_layers: int = 0,
+               acoustic_codebook_size: int = 0):
     self.seed, self.seq_length, self.vocab_size = seed, seq_length, vocab_size
+    self.acoustic_layers, self.acoustic_codebook_size = acoustic_layers, acoustic_codebook_size
     local = global_batch // process_count
     self.rows = np.arange(process_index * local, (process_index + 1) * local)
     self.step = 0
@@ -88,6 +125,10 @@ class SyntheticSource:
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = synthetic_rows(self.seed, self.step, self.rows, self.seq_length, self.vocab_size)
+    if self.acoustic_layers:
+      batch["acoustic_tokens"] = synthetic_acoustic(self.seed, self.step, self.rows, batch["tokens"],
+                                                    batch["valid"], self.acoustic_layers,
+                                                    self.acoustic_codebook_size)
     self.step += 1
     return batch
 
@@ -144,9 +185,7 @@ class GlobalBatchIterator:
 
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a global batch (for compiling before data exists)."""
-  shape = (config.train.global_batch_size, config.train.seq_length)
-  return {"tokens": jax.ShapeDtypeStruct(shape, np.int32),
-          "valid": jax.ShapeDtypeStruct(shape, np.bool_)}
+  return train_objectives.batch_spec(config)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, mesh: Mesh,
@@ -168,7 +207,9 @@ def make_train_iterator(config: ml_collections.ConfigDict, mesh: Mesh,
   local_batch_size(global_batch, mesh, count)  # validates divisibility
   if config.train.synthetic_data:
     local = SyntheticSource(config.seed, global_batch, config.train.seq_length,
-                            config.model.vocab_size, index, count)
+                            train_objectives.cond_vocab_size(config), index, count,
+                            acoustic_layers=train_objectives.acoustic_layers(config),
+                            acoustic_codebook_size=config.model.vocab_size)
     return GlobalBatchIterator(local, mesh, global_batch)
   if not config.data.train_sources:
     raise ValueError("no training data: set config.data.train_sources (tokenized shards, see "

@@ -51,9 +51,11 @@ def training_flops_per_token(model: ml_collections.ConfigDict, seq_length: int) 
   Counts matmuls only (2 FLOPs per multiply-add): per layer the q/k/v/o
   projections (4 H^2), the SwiGLU MLP (3 H M) and the attention scores and
   values over *all* T keys (2 T H; bidirectional, so nothing is halved as a
-  causal mask would allow), plus the output head (H V). Per-sample work
-  (the time-step MLP and the adaptive-norm gains) and rematerialization are
-  not counted: this is the MFU convention (model, not hardware, FLOPs).
+  causal mask would allow), plus the output head (H V). S2A (`model.kind`
+  's2a') adds its frame-wise condition MLP (2 H M) and has one head of V =
+  its codebook size. Per-sample work (the time-step MLP and the
+  adaptive-norm gains), embedding look-ups and rematerialization are not
+  counted: this is the MFU convention (model, not hardware, FLOPs).
 
   Args:
     model: `config.model`.
@@ -62,7 +64,8 @@ def training_flops_per_token(model: ml_collections.ConfigDict, seq_length: int) 
   h, layers, vocab = model.hidden_size, model.num_layers, model.vocab_size
   mlp = model.mlp_ratio * h
   per_layer = 4 * h * h + 3 * h * mlp + 2 * seq_length * h
-  forward = 2 * (layers * per_layer + h * vocab)
+  frame_cond = 2 * h * mlp if model.get("kind", "metis") == "s2a" else 0
+  forward = 2 * (layers * per_layer + h * vocab + frame_cond)
   return 3.0 * forward
 
 

@@ -1,8 +1,14 @@
-r"""Pre-trains the stage-1 Metis model (masked generative modelling of SSL tokens).
+r"""Trains a masked generative model: stage-1 Metis (SSL tokens) or S2A (acoustic codec tokens).
 
   python -m metis_jax.train --config configs/tiny.py --workdir /tmp/metis_tiny
   python -m metis_jax.train --config configs/metis_base.py --workdir gs://B/run \
       --config.train.global_batch_size=512 --config.mesh.fsdp=-1
+  python -m metis_jax.train --config configs/s2a_tiny.py --workdir /tmp/s2a_tiny
+  python -m metis_jax.train --config configs/s2a_full.py --workdir gs://B/s2a \
+      --config.data.train_sources='("gs://B/shards_with_acoustic_tokens",)'
+
+`config.model.kind` picks the objective ('metis' or 's2a', see
+`train_objectives`); the loop, sharding, checkpoints and metrics are shared.
 
 Every `config` field can be overridden as `--config.a.b=value`; unknown keys
 are errors. The run resumes from the newest checkpoint in `<workdir>` if
@@ -32,6 +38,7 @@ from metis_jax import input_pipeline
 from metis_jax import mesh as mesh_lib
 from metis_jax import metis
 from metis_jax import metrics as metrics_lib
+from metis_jax import train_objectives
 from metis_jax import train_state
 from metis_jax import train_step as train_step_lib
 
@@ -86,14 +93,24 @@ class _JsonlWriter:
 
 
 def with_demo_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """With `data.demo_corpus` and no sources, builds the demo shards and trains on them."""
+  """With `data.demo_corpus` and no sources, builds the demo shards and trains on them.
+
+  For S2A (`model.kind = 's2a'`) the shards also carry the demo's acoustic
+  tokens (a residual k-means of log-mel frames with `model.vocab_size` codes,
+  not a neural codec; see `metis_jax.data.demo`), and the last sentence of
+  every voice is held out of training (for `train_eval`).
+  """
   if config.train.synthetic_data or config.data.train_sources or not config.data.demo_corpus:
     return config
   from metis_jax.data import demo  # pylint: disable=import-outside-toplevel
-  if config.data.kmeans_clusters != config.model.vocab_size:
+  ssl_vocab = train_objectives.cond_vocab_size(config)
+  if config.data.kmeans_clusters != ssl_vocab:
+    what = "model.cond_vocab_size" if train_objectives.kind_of(config) == "s2a" else "model.vocab_size"
     raise ValueError(f"data.kmeans_clusters ({config.data.kmeans_clusters}) must equal "
-                     f"model.vocab_size ({config.model.vocab_size}) to train on the demo corpus")
-  shards = demo.prepare(os.path.join(workdir, "demo_data"), config.data, log=logging.info)
+                     f"{what} ({ssl_vocab}) to train on the demo corpus")
+  acoustic = config.model.vocab_size if train_objectives.acoustic_layers(config) else 0
+  shards = demo.prepare(os.path.join(workdir, "demo_data"), config.data, log=logging.info,
+                        acoustic_codebook_size=acoustic)
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.train_sources = (shards,)
@@ -126,7 +143,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, return_state: bool = 
   step = start_step = int(jax.device_get(state.step))
 
   n_params = metis.count_params(state.params)
-  logging.info("mesh %s; %.1fM parameters; global batch %d x %d tokens; %.3g training FLOPs/token",
+  logging.info("model.kind %r; mesh %s; %.1fM parameters; global batch %d x %d tokens; "
+               "%.3g training FLOPs/token", setup.objective.kind,
                mesh_lib.describe(mesh), n_params / 1e6, config.train.global_batch_size,
                config.train.seq_length,
                metrics_lib.training_flops_per_token(config.model, config.train.seq_length))

@@ -2,6 +2,9 @@ r"""Ahead-of-time dry run: compile the real train step for a target topology on 
 
   python -m metis_jax.train_compile --config configs/metis_base_v5p256.py --topology v5p-256
   python -m metis_jax.train_compile --config configs/tiny.py --topology cpu-8
+  python -m metis_jax.train_compile --config configs/s2a_full.py --topology v5p-128
+
+Any `config.model.kind` compiles (stage 1 or S2A): the step is the trainer's.
 
 TPU topologies (`v4-N`, `v5p-N`, `v5e-N`, `v6e-N`, N = TensorCores as in
 Cloud TPU names; `--num_slices` for multi-slice) come from

@@ -18,8 +18,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from metis_jax import mesh as mesh_lib
-from metis_jax import metis
 from metis_jax import optimizer as optimizer_lib
+from metis_jax import train_objectives
 
 
 @flax.struct.dataclass
@@ -44,22 +44,26 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """The static pieces of a run, built once from the config."""
-  model: metis.MetisModel
+  """The static pieces of a run, built once from the config.
+
+  Attributes:
+    objective: what is trained (`train_objectives`, by `config.model.kind`).
+    tx: the optimizer.
+    rules: logical axis rules.
+  """
+  objective: Any
   tx: optax.GradientTransformation
   rules: tuple
 
+  @property
+  def model(self) -> nn.Module:
+    return self.objective.model
+
 
 def make_setup(config: ml_collections.ConfigDict) -> Setup:
-  """Model, optimizer and logical axis rules of `config`."""
-  kind = config.model.get("kind", "metis")
-  if kind != "metis":
-    raise NotImplementedError(
-        f"metis_jax.train pre-trains the stage-1 model (model.kind='metis'), not {kind!r}: the "
-        "S2A objective (metis_jax.s2a.training_loss) is not wired into train_step yet")
-  model = metis.MetisModel(metis.MetisConfig.from_config(config.model))
-  return Setup(model=model, tx=optimizer_lib.make_optimizer(config.train),
-               rules=mesh_lib.logical_rules(config))
+  """Objective (model), optimizer and logical axis rules of `config`."""
+  return Setup(objective=train_objectives.make_objective(config),
+               tx=optimizer_lib.make_optimizer(config.train), rules=mesh_lib.logical_rules(config))
 
 
 def init_fn(setup: Setup, seed: int, boxed: bool = False) -> Callable[[], TrainState]:

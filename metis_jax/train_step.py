@@ -1,8 +1,11 @@
-"""The pure training step: masking, forward, masked cross-entropy, gradients, update.
+"""The pure training step: corruption, forward, masked cross-entropy, gradients, update.
 
 `train_step(state, batch, rng) -> (state, metrics)` is a pure function of
 arrays; `jit_train_step` compiles it for a mesh with explicit in/out
-shardings and the state donated. Compute runs in `config.model.dtype`
+shardings and the state donated. What is corrupted and scored comes from the
+run's objective (`train_objectives`, by `config.model.kind`: stage-1 SSL
+tokens or S2A codec layers); the rest (micro-batches, clipping, the skip of
+non-finite updates, metrics) is shared. Compute runs in `config.model.dtype`
 (bfloat16 at scale) on float32 master weights (`config.model.param_dtype`);
 logits, the loss and the gradients are float32.
 """
@@ -17,53 +20,19 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from metis_jax import masking
 from metis_jax import mesh as mesh_lib
 from metis_jax import optimizer as optimizer_lib
+from metis_jax import train_objectives
 from metis_jax.train_state import Setup, TrainState
 
 Batch = dict[str, jax.Array]
-# Keys a batch may carry; `tokens` and `valid` are required.
-BATCH_KEYS = ("tokens", "valid")
+# Keys a stage-1 batch must carry (an objective's `batch_keys` in general).
+BATCH_KEYS = train_objectives.MetisObjective.batch_keys
 
 
-def check_batch(batch: Batch) -> None:
-  """Rejects batches this trainer cannot train on correctly, with the reason."""
-  missing = [k for k in BATCH_KEYS if k not in batch]
-  if missing:
-    raise KeyError(f"batch lacks {missing}; a batch is {{'tokens': int32 [B, T], 'valid': bool [B, T]}}")
-  if "segment_ids" in batch:
-    raise NotImplementedError(
-        "packed batches (segment_ids) are not supported by the stage-1 objective: the mask "
-        "ratio t conditions every norm per *row* (model.cond is [batch, embed]) and the prompt "
-        "is a per-row prefix, so several utterances in a row would share t and only the first "
-        "would get a prompt. Use padded batches (one utterance per row).")
-
-
-def microbatch_loss(params: Any, model: nn.Module, batch: Batch, is_masked: jax.Array,
-                    t: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """Summed masked cross-entropy of one (micro-)batch.
-
-  Args:
-    params: model parameters.
-    model: the MetisModel.
-    batch: `tokens` int32 `[batch, time]`, `valid` bool `[batch, time]`,
-      optional `positions` int32 `[batch, time]`.
-    is_masked: bool `[batch, time]`, positions replaced by the mask embedding
-      (never prompt or padding).
-    t: float32 `[batch]` time steps.
-
-  Returns:
-    (sum of CE over scored tokens, (number of correct argmaxes, number of
-    scored tokens)), float32 scalars. Sums, not means, so micro-batches add up
-    exactly to the full batch.
-  """
-  tokens, valid = batch["tokens"], batch["valid"].astype(bool)
-  _, logits = model.apply({"params": params}, tokens, is_masked, valid, t,
-                          positions=batch.get("positions"))
-  weights = is_masked & valid
-  mean_ce, accuracy, count = masking.masked_cross_entropy(logits, tokens, weights)
-  return mean_ce * count, (accuracy * count, count)
+def check_batch(batch: Batch, keys: tuple[str, ...] = BATCH_KEYS, kind: str = "metis") -> None:
+  """Rejects batches the objective cannot train on correctly, with the reason."""
+  train_objectives.check_batch_keys(batch, keys, kind)
 
 
 def split_microbatches(x: jax.Array, num: int) -> jax.Array:
@@ -110,33 +79,34 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, setup: Setup,
 
   Args:
     state: the training state.
-    batch: `tokens` int32 `[batch, time]`, `valid` bool `[batch, time]`
-      (optionally `positions`).
-    rng: PRNG key of this step (masking draws).
-    setup: model, optimizer and rules (static).
-    config: the run config (static; `train` and `masking` are read).
+    batch: the objective's `batch_keys`: `tokens` int32 `[batch, time]` (SSL
+      tokens), `valid` bool `[batch, time]`, and for S2A `acoustic_tokens`
+      int32 `[batch, time, num_quantizers]`.
+    rng: PRNG key of this step (corruption draws).
+    setup: objective (model), optimizer and rules (static).
+    config: the run config (static; `train` is read).
 
   Returns:
     (new state, metrics): scalar float32 metrics `loss`, `accuracy`,
     `grad_norm` (before clipping), `learning_rate`, `scored_tokens`,
-    `valid_tokens`, `skipped` (1.0 if this update was skipped) and
-    `skipped_steps` (running count).
+    `valid_tokens`, `skipped` (1.0 if this update was skipped),
+    `skipped_steps` (running count), and the objective's shared draws
+    (S2A: `target_layer`).
   """
-  check_batch(batch)
+  objective = setup.objective
+  check_batch(batch, objective.batch_keys, objective.kind)
   cfg = config.train
   num_micro = int(cfg.grad_accum_steps)
   valid = batch["valid"].astype(bool)
-  # One mask draw for the whole global batch: accumulation does not change it.
-  mask = masking.sample_training_mask(rng, valid, masking.MaskingConfig.from_config(config.masking))
-  inputs = dict(batch, is_masked=mask.is_masked, t=mask.t)
-  micro = jax.tree.map(lambda x: split_microbatches(x, num_micro), inputs)
+  # One corruption draw for the whole global batch: accumulation does not change it.
+  rows, shared = objective.draw(rng, batch)
+  micro = jax.tree.map(lambda x: split_microbatches(x, num_micro), (batch, rows))
   batch_axes = mesh_lib.BATCH_AXES
 
   def loss_fn(params, mb):
     mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
         x, PartitionSpec(batch_axes, *([None] * (x.ndim - 1)))), mb)
-    rest = {k: v for k, v in mb.items() if k not in ("is_masked", "t")}
-    return microbatch_loss(params, setup.model, rest, mb["is_masked"], mb["t"])
+    return objective.loss(params, mb[0], mb[1], shared)
 
   (loss_sum, (correct, count)), grad_sum = accumulate_gradients(loss_fn, state.params, micro,
                                                                 num_micro)
@@ -167,7 +137,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, setup: Setup,
       loss=loss, accuracy=accuracy, grad_norm=grad_norm,
       learning_rate=optimizer_lib.learning_rate_schedule(cfg)(applied),
       scored_tokens=count, valid_tokens=valid.sum().astype(jnp.float32),
-      skipped=skipped.astype(jnp.float32), skipped_steps=skipped_steps.astype(jnp.float32))
+      skipped=skipped.astype(jnp.float32), skipped_steps=skipped_steps.astype(jnp.float32),
+      **shared)
   return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
 

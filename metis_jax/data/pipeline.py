@@ -7,7 +7,7 @@ Per host (JAX process), with the Grain Dataset API:
     -> repeat(num_epochs)            0 = forever
     -> mix(weights)                  several corpora in fixed proportions
     -> [process_index::process_count]   disjoint slice per JAX process
-    -> decode                        record bytes -> int32 tokens [T]
+    -> decode                        record bytes -> int32 tokens [T] (+ acoustic [T, Q])
     -> random crop to max_length, drop if shorter than min_length
     -> to_iter_dataset -> mp_prefetch(num_workers)   (0 = no worker processes)
     -> length-bucketed batching (or packing)    host batches of few shapes
@@ -20,6 +20,10 @@ Batch format (what the trainer reads), host-local numpy or global jax.Array:
                                     sequence, 0 at padding.
   positions    int32 [batch, time]  only with packing: position within its
                                     sequence (0 at padding).
+  acoustic_tokens int32 [batch, time, Q]  only for S2A (`acoustic_layers` = Q > 0):
+                                    the first Q codec layers of each frame,
+                                    aligned with `tokens` (see `align_streams`),
+                                    0 at padding.
 
 Bucketing: elements are read in windows of `bucket_window` batches, sorted by
 length, cut into batches, and each batch is padded to the smallest of
@@ -81,22 +85,71 @@ def open_source(spec: str, tfds_data_dir: str = ""):
   return grain.sources.ArrayRecordDataSource(shards.list_shards(spec))
 
 
-def decode_element(raw, keep_id: bool = False) -> dict[str, Any]:
-  """Record bytes (or a TFDS example dict) -> {'tokens': int32 [T]} (+ 'id')."""
+def align_streams(ssl_tokens: np.ndarray, acoustic_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Cuts SSL tokens `[T]` and acoustic tokens `[Ta, Q]` to the shorter of the two.
+
+  The streams disagree by about one frame: SSL tokens come from 16 kHz fbank
+  frames, ceil((floor((N - 400) / 160) + 1) / 2) of them (149 for 3 s), codec
+  tokens from 24 kHz / 480 (150 for 3 s). As `generation.py` does for the
+  prompt, both are cut to the shorter one (usually dropping the last 20 ms
+  codec frame), so frame i of the acoustic stream sits on SSL token i.
+  """
+  n = min(len(ssl_tokens), len(acoustic_tokens))
+  return ssl_tokens[:n], acoustic_tokens[:n]
+
+
+class MissingAcousticTokens(ValueError):
+  """A record read for S2A training has no acoustic tokens (or too few layers)."""
+
+
+def _acoustic(rid: str, acoustic, acoustic_layers: int, source: str) -> np.ndarray:
+  """The first `acoustic_layers` codec layers of a record as int32 `[Ta, Q]`, or a clear error."""
+  if acoustic is None:
+    raise MissingAcousticTokens(
+        f"record {rid!r} of source {source!r} has no acoustic tokens: S2A training "
+        "(model.kind='s2a') needs shards written by `python -m metis_jax.data.tokenize` with "
+        "--config.data.acoustic_codec_encoder/decoder set (or the demo corpus of an S2A config)")
+  acoustic = np.asarray(acoustic)
+  if acoustic.ndim != 2 or acoustic.shape[1] < acoustic_layers:
+    raise MissingAcousticTokens(
+        f"record {rid!r} of source {source!r} has acoustic tokens of shape {acoustic.shape}; the "
+        f"model embeds {acoustic_layers} codec layers (model.num_quantizers)")
+  return acoustic[:, :acoustic_layers].astype(np.int32)
+
+
+def decode_element(raw, keep_id: bool = False, acoustic_layers: int = 0, source: str = "") -> dict[str, Any]:
+  """Record bytes (or a TFDS example dict) -> {'tokens': int32 [T]} (+ 'id').
+
+  With `acoustic_layers` = Q > 0 (S2A) the element also has
+  'acoustic_tokens' int32 [T, Q], both streams cut to the shorter one
+  (`align_streams`); a record without acoustic tokens raises
+  `MissingAcousticTokens` naming the record and its `source`.
+  """
   if isinstance(raw, (bytes, bytearray)):
-    if keep_id:
-      rec = records.decode(raw)
-      return {"tokens": rec["ssl_tokens"].astype(np.int32), "id": rec["id"]}
-    return {"tokens": records.ssl_tokens_only(raw)}
-  out = {"tokens": np.asarray(raw["ssl_tokens"]).astype(np.int32)}
+    if not keep_id and not acoustic_layers:
+      return {"tokens": records.ssl_tokens_only(raw)}
+    rec = records.decode(raw)
+    rid, acoustic = rec["id"], rec.get("acoustic_tokens")
+  else:
+    rec, acoustic = raw, (raw.get("acoustic_tokens") if hasattr(raw, "get") else None)
+    rid = raw["id"] if keep_id or acoustic_layers else ""
+    rid = rid.decode() if isinstance(rid, bytes) else str(rid)
+  out = {"tokens": np.asarray(rec["ssl_tokens"]).astype(np.int32)}
+  if acoustic_layers:
+    out["tokens"], out["acoustic_tokens"] = align_streams(
+        out["tokens"], _acoustic(rid, acoustic, acoustic_layers, source))
   if keep_id:
-    rid = raw["id"]
-    out["id"] = rid.decode() if isinstance(rid, bytes) else str(rid)
+    out["id"] = rid
   return out
 
 
+def check_acoustic(src, spec: str, acoustic_layers: int) -> None:
+  """Fails early (in the main process) when the first record of a source lacks acoustic tokens."""
+  decode_element(src[0], acoustic_layers=acoustic_layers, source=spec)
+
+
 class RandomCrop(grain.transforms.RandomMap):
-  """Crops 'tokens' to at most `max_length` at a random offset."""
+  """Crops 'tokens' (and 'acoustic_tokens', at the same offset) to at most `max_length`."""
 
   def __init__(self, max_length: int):
     self.max_length = max_length
@@ -105,7 +158,10 @@ class RandomCrop(grain.transforms.RandomMap):
     tokens = element["tokens"]
     if len(tokens) > self.max_length:
       start = int(rng.integers(0, len(tokens) - self.max_length + 1))
-      element = dict(element, tokens=tokens[start:start + self.max_length])
+      cut = slice(start, start + self.max_length)
+      element = dict(element, tokens=tokens[cut])
+      if "acoustic_tokens" in element:
+        element["acoustic_tokens"] = element["acoustic_tokens"][cut]
     return element
 
 
@@ -121,16 +177,17 @@ class MinLength(grain.transforms.Filter):
 
 class _Decode(grain.transforms.Map):
 
-  def __init__(self, keep_id: bool):
-    self.keep_id = keep_id
+  def __init__(self, keep_id: bool, acoustic_layers: int = 0, source: str = ""):
+    self.keep_id, self.acoustic_layers, self.source = keep_id, acoustic_layers, source
 
   def map(self, element):
-    return decode_element(element, self.keep_id)
+    return decode_element(element, self.keep_id, self.acoustic_layers, self.source)
 
 
 def element_dataset(sources: Sequence[str], weights: Sequence[float] = (), *, max_length: int,
                     min_length: int = 1, seed: int = 0, num_epochs: int = 0, process_index: int = 0,
-                    process_count: int = 1, tfds_data_dir: str = "", keep_ids: bool = False) -> grain.MapDataset:
+                    process_count: int = 1, tfds_data_dir: str = "", keep_ids: bool = False,
+                    acoustic_layers: int = 0) -> grain.MapDataset:
   """The per-host dataset of cropped token sequences, before batching.
 
   Args:
@@ -144,9 +201,13 @@ def element_dataset(sources: Sequence[str], weights: Sequence[float] = (), *, ma
     process_count: number of slices.
     tfds_data_dir: for 'tfds:' sources.
     keep_ids: also emit the record id (tests and debugging).
+    acoustic_layers: Q > 0 also emits 'acoustic_tokens' int32 [T, Q] (S2A);
+      every source must carry them (checked on its first record here, and on
+      every record when decoded).
 
   Returns:
-    A `grain.MapDataset` of {'tokens': int32 [T]} (+ 'id'), T <= max_length.
+    A `grain.MapDataset` of {'tokens': int32 [T]} (+ 'acoustic_tokens', 'id'),
+    T <= max_length.
   """
   if not sources:
     raise ValueError("no training sources: set config.data.train_sources")
@@ -159,11 +220,16 @@ def element_dataset(sources: Sequence[str], weights: Sequence[float] = (), *, ma
     src = open_source(spec, tfds_data_dir)
     if len(src) == 0:
       raise ValueError(f"source {spec!r} has no records")
+    if acoustic_layers:
+      check_acoustic(src, spec, acoustic_layers)
     ds = grain.MapDataset.source(src).shuffle(seed=seed + 7919 * i)
+    # Decoding per source (lazy, element-wise: the order is unchanged) lets
+    # an error name the corpus the record came from.
+    ds = ds.map(_Decode(keep_ids, acoustic_layers, spec))
     parts.append(ds.repeat(num_epochs if num_epochs > 0 else None))
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights) or None)
   ds = ds[process_index::process_count]
-  ds = ds.map(_Decode(keep_ids)).random_map(RandomCrop(max_length), seed=seed + 1)
+  ds = ds.random_map(RandomCrop(max_length), seed=seed + 1)
   return ds.filter(MinLength(min_length))
 
 
@@ -185,17 +251,26 @@ def check_buckets(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
   return buckets
 
 
-def pad_batch(seqs: Sequence[np.ndarray], batch_size: int, length: int) -> dict[str, np.ndarray]:
+def pad_batch(seqs: Sequence[np.ndarray], batch_size: int, length: int,
+              acoustic: Optional[Sequence[np.ndarray]] = None) -> dict[str, np.ndarray]:
   """Pads sequences into {'tokens' int32 [batch_size, length], 'valid' bool [...]}.
 
-  Rows beyond len(seqs) are all padding (valid False).
+  Rows beyond len(seqs) are all padding (valid False). `acoustic` (one
+  `[T_i, Q]` array per sequence, T_i = len(seqs[i])) adds 'acoustic_tokens'
+  int32 [batch_size, length, Q].
   """
   tokens = np.zeros((batch_size, length), np.int32)
   valid = np.zeros((batch_size, length), bool)
   for r, s in enumerate(seqs):
     tokens[r, :len(s)] = s
     valid[r, :len(s)] = True
-  return {"tokens": tokens, "valid": valid}
+  out = {"tokens": tokens, "valid": valid}
+  if acoustic is not None:
+    codes = np.zeros((batch_size, length, acoustic[0].shape[1]), np.int32)
+    for r, a in enumerate(acoustic):
+      codes[r, :len(a)] = a
+    out["acoustic_tokens"] = codes
+  return out
 
 
 class BucketBatchIterDataset(grain.IterDataset):
@@ -253,7 +328,8 @@ class BucketBatchIterator(grain.DatasetIterator):
       length = next((b for b in ds.buckets if b >= longest), None)
       if length is None:
         raise ValueError(f"sequence of {longest} tokens is longer than the largest bucket {ds.buckets[-1]}")
-      batch = pad_batch(seqs, ds.batch_size, length)
+      acoustic = [elems[i]["acoustic_tokens"] for i in groups[g]] if "acoustic_tokens" in elems[0] else None
+      batch = pad_batch(seqs, ds.batch_size, length, acoustic)
       if ds.keep_ids:
         batch["ids"] = [elems[i].get("id") for i in groups[g]]
       batches.append(batch)
@@ -316,7 +392,7 @@ def _packed_to_batch(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def host_batch_dataset(cfg, *, batch_size: int, max_length: int, process_index: int = 0,
                        process_count: int = 1, num_workers: Optional[int] = None,
-                       keep_ids: bool = False) -> grain.IterDataset:
+                       keep_ids: bool = False, acoustic_layers: int = 0) -> grain.IterDataset:
   """The host-local pipeline: an IterDataset of numpy batches (see module doc).
 
   Args:
@@ -327,13 +403,16 @@ def host_batch_dataset(cfg, *, batch_size: int, max_length: int, process_index: 
     process_count: number of hosts.
     num_workers: override of cfg.num_workers.
     keep_ids: add 'ids' (list of record ids) to bucketed batches (tests).
+    acoustic_layers: Q > 0 adds 'acoustic_tokens' [batch, T, Q] (S2A).
   """
   if cfg.min_length > max_length:
     raise ValueError(f"data.min_length {cfg.min_length} > crop length {max_length}")
+  if cfg.packing and acoustic_layers:
+    raise ValueError("data.packing is not supported with acoustic tokens (S2A trains on padded batches)")
   elements = element_dataset(
       list(cfg.train_sources), list(cfg.train_weights), max_length=max_length, min_length=cfg.min_length,
       seed=cfg.seed, num_epochs=cfg.num_epochs, process_index=process_index, process_count=process_count,
-      tfds_data_dir=cfg.tfds_data_dir, keep_ids=keep_ids)
+      tfds_data_dir=cfg.tfds_data_dir, keep_ids=keep_ids, acoustic_layers=acoustic_layers)
   ds = elements.to_iter_dataset(_READ_OPTIONS)
   workers = cfg.num_workers if num_workers is None else num_workers
   if workers > 0:
@@ -368,8 +447,8 @@ def agree_on_length(batch: dict[str, Any]) -> dict[str, Any]:
   target = _agree_on_length(length)
   if target == length:
     return batch
-  return {k: np.pad(v, ((0, 0), (0, target - length))) if isinstance(v, np.ndarray) else v
-          for k, v in batch.items()}
+  pad = lambda v: np.pad(v, [(0, 0), (0, target - length)] + [(0, 0)] * (v.ndim - 2))
+  return {k: pad(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
 def make_global_batch(batch: dict[str, np.ndarray], sharding, agree_length: bool = True) -> dict[str, Any]:
@@ -438,6 +517,14 @@ class GlobalBatchIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
+def acoustic_layers(config) -> int:
+  """Codec layers the batches of `config` carry: model.num_quantizers for S2A, else 0."""
+  model = config.get("model")
+  if model is None or model.get("kind", "metis") != "s2a":
+    return 0
+  return int(model.num_quantizers)
+
+
 def make_local_iterator(config, process_index: Optional[int] = None, process_count: Optional[int] = None,
                         num_workers: Optional[int] = None) -> grain.DatasetIterator:
   """This host's training batches as numpy arrays (for a caller that builds global arrays).
@@ -453,8 +540,9 @@ def make_local_iterator(config, process_index: Optional[int] = None, process_cou
   Returns:
     A `grain.DatasetIterator` (get_state/set_state with JSON-able dicts;
     close() when done) of {'tokens' int32 [b, T], 'valid' bool [b, T]} (+
-    'segment_ids', 'positions' with packing), b = global batch / process
-    count. With bucketing T is one of the bucket lengths, the same on every
+    'segment_ids', 'positions' with packing; + 'acoustic_tokens' int32
+    [b, T, model.num_quantizers] when config.model.kind is 's2a'), b = global
+    batch / process count. With bucketing T is one of the bucket lengths, the same on every
     host at each step (agreed by a one-integer all-gather when there are
     several processes); with packing T = seq_length. Use num_epochs = 0 with
     several processes: with a finite number of epochs, hosts may run out one
@@ -469,7 +557,8 @@ def make_local_iterator(config, process_index: Optional[int] = None, process_cou
     raise ValueError(f"train.global_batch_size {global_batch} is not divisible by {process_count} processes")
   ds = host_batch_dataset(config.data, batch_size=global_batch // process_count,
                           max_length=config.train.seq_length, process_index=process_index,
-                          process_count=process_count, num_workers=num_workers)
+                          process_count=process_count, num_workers=num_workers,
+                          acoustic_layers=acoustic_layers(config))
   it = iter(ds)
   return it if simulated or config.data.packing else AgreedLengthIterator(it)
 
