@@ -2,6 +2,8 @@ r"""Throughput of the train step on the devices present, and the AOT memory of m
 
   python benchmarks/train.py                 # tiny + base, S2A tiny + full (reduced depth on CPU)
   python benchmarks/train.py --full_base     # the real 16-layer base and S2A (accelerators)
+  python benchmarks/train.py --variant "b32:train.global_batch_size=32" \
+      --variant "b32 xla:train.global_batch_size=32,model.attention_impl=xla"   # side by side
 
 For each config: tokens/s, step time and MFU of the jitted train step (state
 donated, synthetic batch, timed after two warm-up steps, blocking only at the
@@ -85,6 +87,10 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--full_base", action="store_true", help="16-layer base at 1024 tokens")
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--variant", action="append", default=[],
+                      help="extra metis_base rows compared side by side: 'name:key=value,key=value' "
+                           "(config overrides, e.g. 'b16 xla:train.global_batch_size=16,"
+                           "model.attention_impl=xla'); repeatable")
   args = parser.parse_args()
   aot = aot_section()
   device = jax.devices()[0]
@@ -101,6 +107,13 @@ def main() -> int:
       rows.append(bench(name, ["model.num_layers=2", "train.seq_length=256",
                                f"train.global_batch_size={2 * n}", "model.dtype=float32"],
                         max(2, args.steps // 2), note="reduced: 2 of 16 layers, T=256, fp32 on CPU"))
+  for spec in args.variant:
+    label, _, overrides = spec.partition(":")
+    try:
+      rows.append(bench("metis_base", [o for o in overrides.split(",") if o], args.steps, note=label))
+    except Exception as e:  # pylint: disable=broad-except
+      # A variant that does not fit (out of memory) or does not compile is a result, not a crash.
+      print(f"variant {label} failed: {type(e).__name__}: {str(e)[:300]}")
   header = (f"{'config':<12}{'params':>9}{'layers':>7}{'batch':>10}{'dtype':>10}{'step':>10}"
             f"{'tokens/s':>12}{'MFU':>8}  note")
   print(header)
