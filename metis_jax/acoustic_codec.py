@@ -82,22 +82,40 @@ class AcousticCodecConfig:
     return config_lib.dataclass_from_config(cls, model)
 
 
+KIND = "acoustic_codec"  # `config.model.kind` of an acoustic-codec run (metis_jax.codec_train)
+
+
 def model_config() -> ml_collections.ConfigDict:
-  """`config.model` of the acoustic codec (the released sizes)."""
-  return config_lib.config_from_dataclass(AcousticCodecConfig())
+  """`config.model` of the acoustic codec (the released sizes), tagged with `kind`."""
+  c = config_lib.config_from_dataclass(AcousticCodecConfig())
+  c.kind = KIND
+  return c
 
 
 def train_config() -> ml_collections.ConfigDict:
   """GAN training knobs (no recipe is released; Vocos/DAC defaults, see the spec §3)."""
   c = ml_collections.ConfigDict()
+  # Generator (and discriminator) updates of the whole run.
   c.steps = 400_000
-  c.batch_size = 16
+  # Crops per step over all devices; divisible by the data-parallel size.
+  c.global_batch_size = 16
   # Seconds per training crop (a multiple of the hop is taken).
   c.crop_seconds = 1.0
+  # One optimizer per network, both from these fields (metis_jax.optimizer:
+  # warmup, then `decay` to end_learning_rate_ratio * learning_rate at `steps`).
   c.learning_rate = 1e-4
+  c.warmup_steps = 0
+  c.decay = "cosine"
+  c.end_learning_rate_ratio = 0.1
   c.adam_b1 = 0.5
   c.adam_b2 = 0.9
+  c.adam_eps = 1e-8
+  c.weight_decay = 0.0
   c.grad_clip_norm = 1000.0
+  # Skip an update whose loss or gradient norm is NaN/Inf (counted per network).
+  c.skip_nonfinite = True
+  # Debug only: the generator update of this step (from 1) gets NaN gradients.
+  c.inject_nan_at_step = -1
   # Loss weights.
   c.mel_weight = 10.0
   c.adv_weight = 2.0
@@ -112,17 +130,14 @@ def train_config() -> ml_collections.ConfigDict:
   # Channels of the discriminators (the original Vocos sizes are 32..1024).
   c.disc_channels = 32
   c.disc_max_channels = 1024
-  # Generator-only steps before the discriminators start.
+  # Generator-only steps before the adversarial and feature-matching terms
+  # join the generator loss (the discriminators train from the start).
   c.disc_start_step = 0
+  # Dead-code restarts of the RVQ codebooks (see semantic_codec.train_config);
+  # off for the acoustic codec by default, as in DAC.
+  c.restart_every = 0
+  c.restart_threshold = 1.0
   return c
-
-
-def default_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.model = model_config()
-  config.train = train_config()
-  config.seed = 0
-  return config
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -152,7 +167,7 @@ class ResidualUnit(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array | None) -> jax.Array:
     dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    cv = dict(weight_norm=self.weight_norm, **dt)
+    cv = dict(weight_norm=self.weight_norm, kernel_init=conv.WN_KERNEL_INIT, **dt)
     y = Snake(name="snake1", **dt)(x)
     y = conv.Conv1d(self.dim, 7, dilation=self.dilation, padding=3 * self.dilation, name="conv1",
                     **cv)(conv.mask_time(y, valid))
@@ -178,7 +193,7 @@ class EncoderBlock(nn.Module):
     x = Snake(name="snake", **dt)(x)
     s = self.stride
     x = conv.Conv1d(self.dim, 2 * s, stride=s, padding=math.ceil(s / 2), weight_norm=self.weight_norm,
-                    name="down", **dt)(x)
+                    kernel_init=conv.WN_KERNEL_INIT, name="down", **dt)(x)
     if lengths is not None:
       lengths = lengths // s
       x = conv.mask_time(x, conv.lengths_to_valid(lengths, x.shape[1]))
@@ -196,15 +211,15 @@ class CodecEncoder(nn.Module):
     dt = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     x = wav[..., None].astype(dt["dtype"])
     valid = conv.lengths_to_valid(lengths, x.shape[1])
-    x = conv.Conv1d(c.encoder_dim, 7, padding=3, weight_norm=c.weight_norm, name="conv_in",
-                    **dt)(conv.mask_time(x, valid))
+    wn = dict(weight_norm=c.weight_norm, kernel_init=conv.WN_KERNEL_INIT, **dt)
+    x = conv.Conv1d(c.encoder_dim, 7, padding=3, name="conv_in", **wn)(conv.mask_time(x, valid))
     x = conv.mask_time(x, valid)
     dim = c.encoder_dim
     for i, stride in enumerate(c.up_ratios):
       dim *= 2
       x, lengths = EncoderBlock(dim, stride, c.weight_norm, name=f"blocks_{i}", **dt)(x, lengths)
     x = Snake(name="snake_out", **dt)(x)
-    x = conv.Conv1d(c.latent_dim, 3, padding=1, weight_norm=c.weight_norm, name="conv_out", **dt)(x)
+    x = conv.Conv1d(c.latent_dim, 3, padding=1, name="conv_out", **wn)(x)
     if c.use_tanh:
       x = jnp.tanh(x)
     x = conv.mask_time(x, conv.lengths_to_valid(lengths, x.shape[1]))
@@ -248,6 +263,8 @@ class AcousticCodecOutput:
   codes: `[batch, frames, n_q]`.
   commit_loss, codebook_loss: scalars (weighted, summed over layers).
   frame_valid: `[batch, frames]` bool.
+  z_e: `[n_q, batch, frames, codebook_dim]` projected latents of every RVQ
+    layer (candidates for dead-code restarts).
   """
   wav: jax.Array
   latent: jax.Array
@@ -255,6 +272,7 @@ class AcousticCodecOutput:
   commit_loss: jax.Array
   codebook_loss: jax.Array
   frame_valid: jax.Array
+  z_e: jax.Array
 
 
 class AcousticCodec(nn.Module):
@@ -309,7 +327,7 @@ class AcousticCodec(nn.Module):
     if valid is None:
       valid = jnp.ones(latent.shape[:2], bool)
     return AcousticCodecOutput(rec, latent, out.codes, jnp.sum(out.commit_loss),
-                               jnp.sum(out.codebook_loss), valid)
+                               jnp.sum(out.codebook_loss), valid, out.z_e)
 
 
 def init_params(model: AcousticCodec, rng: jax.Array, frames: int = 2):

@@ -1,140 +1,78 @@
-r"""Training the codecs (the original trainers are not released): pure jitted steps and a small CLI.
+r"""Trains the codecs (the original trainers are not released) with the stage-1 training engine.
 
-Semantic codec (RepCodec): loss = l1_weight * L1 + mse_weight * MSE of the
-reconstruction to the input features (our decision: L1 keeps outliers in
-check, MSE matches the usual RepCodec objective) + commitment (0.15) +
-codebook (1.0) VQ losses; every `restart_every` steps, codes used fewer than
-`restart_threshold` times since the last restart are re-drawn from random
-projected encoder outputs of the current batch (dead-code restarts).
+  python -m metis_jax.codec_train --config configs/acoustic_codec_tiny.py --workdir /tmp/codec_tiny
+  python -m metis_jax.codec_train --config configs/acoustic_codec.py --workdir gs://B/ac \
+      --config.data.train_sources='("/data/emilia",)'
+  python -m metis_jax.codec_train --config configs/semantic_codec_tiny.py --workdir /tmp/sem_tiny
+  python -m metis_jax.codec_train --config configs/semantic_codec.py --workdir /tmp/sem \
+      --config.features.w2v_bert_weights=w2v-bert-2.0/model.safetensors \
+      --config.features.w2v_bert_stats=w2v_stats.npz --config.data.train_sources='("/data/x",)'
 
-Acoustic codec (GAN): generator loss = mel_weight * multi-scale log-mel L1 +
-adv_weight * LSGAN + feature_matching_weight * feature matching (multi-period
-and multi-resolution spectrogram discriminators) + vq_weight * (commitment
-0.25 + codebook 1.0), with quantizer dropout; discriminator loss = LSGAN.
-`generator_step` and `discriminator_step` are separate pure functions (jit
-them); the discriminator step takes the generator's output of the same batch.
+`train(config, workdir)` runs (or resumes) a codec run config
+(`metis_jax.codec_config`; `config.model.kind` is 'acoustic_codec' or
+'semantic_codec'): the mesh from `config.mesh`; the state (generator,
+discriminator, both optimizer states, step, RNG, skip counters, code usage)
+created sharded by the logical rules (`codec_train_state`); the jitted,
+sharded, donated steps of `codec_train_step`; Grain batches of random audio
+crops (`data.waveform_pipeline`) as global arrays over (data, fsdp); Orbax
+checkpoints through `checkpointing.Checkpointer` (with the data iterator;
+auto-resume to the same results as an uninterrupted run; a state with a
+non-finite parameter is never saved); SIGTERM saves and stops; TensorBoard,
+`metrics.jsonl` and a progress line (process 0).
 
-  python -m metis_jax.codec_train --config configs/acoustic_codec_tiny.py \
-      --wav_dir ../shared/data/speech --workdir /tmp/codec_tiny --steps 300
-  python -m metis_jax.codec_train --config configs/semantic_codec.py \
-      --config.model.vocos_num_layers=2 --synthetic_features --steps 200 --workdir /tmp/sem
+At the end the parameters are exported in the released safetensors layout
+(`<workdir>/encoder.safetensors` + `decoder.safetensors`, or
+`<workdir>/semantic_codec.safetensors`), which the converters,
+`metis_jax.model_loading` and `python -m metis_jax.codec_report` read.
 
-Checkpoints: the final parameters are written in the released safetensors
-layout (`<workdir>/semantic_codec.safetensors`, or `encoder.safetensors` and
-`decoder.safetensors`), which the converters and `metis_jax.codec_report`
-read. (Resumable Orbax checkpoints of the optimizer state are not written.)
+Jitted steps are memoized per (config, mesh), so a process that calls
+`train` again with the same config (a resumed run in a test or a notebook)
+does not compile again.
 """
 
-import glob
+import dataclasses
+import functools
+import json
+import logging as std_logging
 import os
 import time
-from typing import Any
+from typing import Any, Optional, Sequence
 
-import flax.linen as nn
-import flax.struct
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
+from absl import app, flags, logging
 
 from metis_jax import acoustic_codec as ac
-from metis_jax import codec_losses
+from metis_jax import checkpointing
+from metis_jax import codec_train_state as cts
+from metis_jax import codec_train_step
+from metis_jax import distributed
+from metis_jax import input_pipeline
+from metis_jax import mesh as mesh_lib
+from metis_jax import metrics as metrics_lib
 from metis_jax import semantic_codec as sc
-from metis_jax.nn import discriminators
-from metis_jax.nn import quantizer as vq
+
+FLAGS = flags.FLAGS
 
 
-def make_optimizer(learning_rate: float, b1: float, b2: float, clip: float = 0.0, weight_decay: float = 0.0,
-                   warmup_steps: int = 0) -> optax.GradientTransformation:
-  lr = learning_rate
-  if warmup_steps:
-    lr = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-  chain = [optax.clip_by_global_norm(clip)] if clip else []
-  chain.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
-  return optax.chain(*chain)
+# ----------------------------------------------------------------------------- synthetic features
 
 
-# ----------------------------------------------------------------------------- semantic codec
-
-
-@flax.struct.dataclass
-class SemanticTrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  usage: jax.Array  # [n_q, K] code counts since the last restart
-  rng: jax.Array
-
-
-class SemanticTrainer:
-  """Holds the model, optimizer and jitted step of the semantic codec."""
-
-  def __init__(self, model_cfg: sc.SemanticCodecConfig, train: ml_collections.ConfigDict):
-    self.config = model_cfg
-    self.train = train
-    self.model = sc.SemanticCodec(model_cfg)
-    self.tx = make_optimizer(train.learning_rate, train.adam_b1, train.adam_b2, train.grad_clip_norm,
-                             train.weight_decay, train.warmup_steps)
-    self.step = jax.jit(self._step, donate_argnums=0)
-
-  def init(self, rng: jax.Array, params=None) -> SemanticTrainState:
-    rng, init_rng = jax.random.split(rng)
-    if params is None:
-      params = jax.jit(lambda r: sc.init_params(self.model, r))(init_rng)
-    c = self.config
-    return SemanticTrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params),
-                              jnp.zeros((c.num_quantizers, c.codebook_size), jnp.float32), rng)
-
-  def _step(self, state: SemanticTrainState, feat: jax.Array, valid: jax.Array | None = None):
-    t, c = self.train, self.config
-
-    def loss_fn(params):
-      out = self.model.apply({"params": params}, feat, valid)
-      rec = sc.reconstruction_loss(out.reconstruction, feat, valid, t.l1_weight, t.mse_weight)
-      return rec + out.commit_loss + out.codebook_loss, (rec, out)
-
-    (loss, (rec, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    usage = state.usage + vq.codebook_usage(out.codes, c.codebook_size, valid)
-    rng, restart_rng = jax.random.split(state.rng)
-    restarted = jnp.zeros((), jnp.int32)
-    if t.restart_every:
-      do = (state.step + 1) % t.restart_every == 0
-      layers = dict(params["quantizer"])
-      weights = None if valid is None else valid.reshape(-1).astype(jnp.float32)
-      for q in range(c.num_quantizers):
-        z_e = out.vq.z_e[q].reshape(-1, c.codebook_dim)
-        k1, k2, restart_rng = jax.random.split(restart_rng, 3)
-        if weights is not None:  # candidates from valid frames only
-          z_e = z_e[jax.random.choice(k1, z_e.shape[0], (z_e.shape[0],), p=weights / jnp.sum(weights))]
-        layer = dict(layers[f"layers_{q}"])
-        new_cb, n_dead = vq.restart_dead_codes(layer["codebook"], usage[q], jax.lax.stop_gradient(z_e), k2,
-                                               t.restart_threshold)
-        layer["codebook"] = jnp.where(do, new_cb, layer["codebook"])
-        layers[f"layers_{q}"] = layer
-        restarted = restarted + jnp.where(do, n_dead, 0).astype(jnp.int32)
-      params = dict(params, quantizer=layers)
-      usage = jnp.where(do, 0.0, usage)
-    batch_usage = vq.codebook_usage(out.codes, c.codebook_size, valid)
-    metrics = dict(loss=loss, reconstruction=rec, commit=out.commit_loss, codebook=out.codebook_loss,
-                   perplexity=jnp.mean(vq.perplexity(batch_usage)),
-                   codes_used=jnp.mean(jnp.sum(batch_usage > 0, axis=-1).astype(jnp.float32)),
-                   restarted=restarted)
-    return SemanticTrainState(state.step + 1, params, opt_state, usage, rng), metrics
+@functools.lru_cache(maxsize=8)
+def _centers(dim: int, clusters: int, seed: int, rank: int) -> np.ndarray:
+  crng = np.random.default_rng(seed)
+  basis = crng.standard_normal((rank, dim)) / np.sqrt(rank)
+  return (crng.standard_normal((clusters, rank)) @ basis).astype(np.float32)
 
 
 def synthetic_features(rng: np.random.Generator, batch: int, frames: int, dim: int, clusters: int = 512,
                        seed: int = 1234, rank: int | None = None) -> np.ndarray:
-  """Feature-like frames: each frame a noisy copy (noise 0.3) of one of `clusters` fixed
-  unit-variance centers, held for a few frames (runs of 1-6), like phones in SSL features. The
-  centers span a `rank`-dimensional subspace (default dim / 8), as SSL features are far from
-  full rank."""
-  crng = np.random.default_rng(seed)
-  rank = rank or max(1, dim // 8)
-  basis = crng.standard_normal((rank, dim)) / np.sqrt(rank)
-  centers = (crng.standard_normal((clusters, rank)) @ basis).astype(np.float32)
+  """Feature-like frames `[batch, frames, dim]`: each frame a noisy copy (noise 0.3) of one of
+  `clusters` fixed unit-variance centers, held for a few frames (runs of 1-6), like phones in SSL
+  features. The centers span a `rank`-dimensional subspace (default dim / 8), as SSL features
+  are far from full rank."""
+  centers = _centers(dim, clusters, seed, rank or max(1, dim // 8))
   out = np.empty((batch, frames, dim), np.float32)
   for b in range(batch):
     t = 0
@@ -145,175 +83,326 @@ def synthetic_features(rng: np.random.Generator, batch: int, frames: int, dim: i
   return out + 0.3 * rng.standard_normal(out.shape).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- acoustic codec
+class SyntheticFeatureSource:
+  """Per-process synthetic feature batches `{'features': [b, T, H]}`; its state is the batch index.
+
+  Row r of batch s depends only on (seed, s, r), whatever the number of processes.
+  """
+
+  def __init__(self, seed: int, global_batch: int, frames: int, dim: int, clusters: int,
+               process_index: int, process_count: int):
+    self.seed, self.frames, self.dim, self.clusters = seed, frames, dim, clusters
+    local = global_batch // process_count
+    self.rows = range(process_index * local, (process_index + 1) * local)
+    self.step = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = [synthetic_features(np.random.default_rng([self.seed, self.step, r]), 1, self.frames, self.dim,
+                               self.clusters) for r in self.rows]
+    self.step += 1
+    return {"features": np.concatenate(rows)}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"step": self.step}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.step = int(state["step"])
 
 
-@flax.struct.dataclass
-class AcousticTrainState:
-  step: jax.Array
-  gen_params: Any
-  disc_params: Any
-  gen_opt_state: Any
-  disc_opt_state: Any
-  rng: jax.Array
+# ----------------------------------------------------------------------------- data
 
 
-class AcousticTrainer:
-  """Model, discriminators, optimizers and the two jitted GAN steps of the acoustic codec."""
-
-  def __init__(self, model_cfg: ac.AcousticCodecConfig, train: ml_collections.ConfigDict):
-    self.config = model_cfg
-    self.train = train
-    self.model = ac.AcousticCodec(model_cfg)
-    self.disc = discriminators.CodecDiscriminator(tuple(train.mpd_periods), tuple(train.mrd_ffts),
-                                                  train.disc_channels, train.disc_max_channels)
-    opt = lambda: make_optimizer(train.learning_rate, train.adam_b1, train.adam_b2, train.grad_clip_norm)
-    self.gen_tx, self.disc_tx = opt(), opt()
-    self.generator_step = jax.jit(self._generator_step)
-    self.discriminator_step = jax.jit(self._discriminator_step)
-
-  def init(self, rng: jax.Array, crop_samples: int, gen_params=None) -> AcousticTrainState:
-    rng, g_rng, d_rng = jax.random.split(rng, 3)
-    if gen_params is None:
-      gen_params = jax.jit(lambda r: ac.init_params(self.model, r))(g_rng)
-    wav = jnp.zeros((1, crop_samples), jnp.float32)
-    disc_params = jax.jit(lambda r: nn.unbox(self.disc.init(r, wav)["params"]))(d_rng)
-    return AcousticTrainState(jnp.zeros((), jnp.int32), gen_params, disc_params, self.gen_tx.init(gen_params),
-                              self.disc_tx.init(disc_params), rng)
-
-  def _generator_step(self, state: AcousticTrainState, wav: jax.Array):
-    """One generator update on `[batch, samples]` -> (state, metrics, generated wav)."""
-    t = self.train
-    rng, drop_rng = jax.random.split(state.rng)
-    gan_on = (state.step >= t.disc_start_step).astype(jnp.float32)
-
-    def loss_fn(gp):
-      out = self.model.apply({"params": gp}, wav, train=True, rngs={"dropout": drop_rng})
-      fake = out.wav
-      real = wav[:, :fake.shape[1]]
-      mel = codec_losses.multiscale_mel_loss(fake, real, self.config.sample_rate, tuple(t.mel_windows),
-                                             tuple(t.mel_bins))
-      real_logits, real_feats = self.disc.apply({"params": state.disc_params}, real)
-      fake_logits, fake_feats = self.disc.apply({"params": state.disc_params}, fake)
-      adv = codec_losses.lsgan_generator_loss(fake_logits)
-      fm = codec_losses.feature_matching_loss(real_feats, fake_feats)
-      vq_loss = out.commit_loss + out.codebook_loss
-      total = (t.mel_weight * mel + gan_on * (t.adv_weight * adv + t.feature_matching_weight * fm)
-               + t.vq_weight * vq_loss)
-      return total, dict(loss=total, mel=mel, adv=adv, feature_matching=fm, commit=out.commit_loss,
-                         codebook=out.codebook_loss, fake=fake)
-
-    grads, aux = jax.grad(loss_fn, has_aux=True)(state.gen_params)
-    fake = aux.pop("fake")
-    updates, opt_state = self.gen_tx.update(grads, state.gen_opt_state, state.gen_params)
-    params = optax.apply_updates(state.gen_params, updates)
-    aux["grad_norm"] = optax.tree.norm(grads)
-    state = state.replace(step=state.step + 1, gen_params=params, gen_opt_state=opt_state, rng=rng)
-    return state, aux, fake
-
-  def _discriminator_step(self, state: AcousticTrainState, wav: jax.Array, fake: jax.Array):
-    """One discriminator update on real `wav` and the generator's `fake` -> (state, metrics)."""
-    real = wav[:, :fake.shape[1]]
-    fake = jax.lax.stop_gradient(fake)
-
-    def loss_fn(dp):
-      real_logits, _ = self.disc.apply({"params": dp}, real)
-      fake_logits, _ = self.disc.apply({"params": dp}, fake)
-      return codec_losses.lsgan_discriminator_loss(real_logits, fake_logits)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.disc_params)
-    updates, opt_state = self.disc_tx.update(grads, state.disc_opt_state, state.disc_params)
-    state = state.replace(disc_params=optax.apply_updates(state.disc_params, updates), disc_opt_state=opt_state)
-    return state, dict(disc_loss=loss)
+def with_demo_audio(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """With `data.demo_corpus` and no sources, synthesizes the demo corpus and trains on it."""
+  if config.data.train_sources or not config.data.demo_corpus:
+    return config
+  from metis_jax.data import waveform_pipeline  # pylint: disable=import-outside-toplevel
+  corpus = waveform_pipeline.prepare_demo_corpus(os.path.join(workdir, "demo_data", "corpus"), log=logging.info,
+                                                 process_index=jax.process_index())
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.train_sources = (corpus,)
+  return config
 
 
-def load_speech(wav_dir: str, sample_rate: int) -> list[np.ndarray]:
-  """Mono float32 clips at `sample_rate` from `wav_dir/*.wav` (others are skipped)."""
-  import soundfile as sf
-  clips = []
-  for path in sorted(glob.glob(os.path.join(wav_dir, "*.wav"))):
-    audio, sr = sf.read(path, dtype="float32", always_2d=True)
-    if sr != sample_rate:
-      continue
-    clips.append(audio.mean(axis=1))
-  return clips
-
-
-def random_crops(rng: np.random.Generator, clips: list[np.ndarray], batch: int, samples: int) -> np.ndarray:
-  out = np.zeros((batch, samples), np.float32)
-  for b in range(batch):
-    clip = clips[rng.integers(len(clips))]
-    if len(clip) <= samples:
-      out[b, :len(clip)] = clip
-    else:
-      start = int(rng.integers(len(clip) - samples))
-      out[b] = clip[start:start + samples]
-  return out
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _main(argv):
-  del argv
-  from absl import flags
-  from metis_jax.conversion import acoustic_codec as ac_conv
-  from metis_jax.conversion import semantic_codec as sc_conv
-  f = flags.FLAGS
-  config = f.config
-  os.makedirs(f.workdir, exist_ok=True)
-  steps = f.steps or config.train.steps
-  rng = np.random.default_rng(config.seed)
-  log_every = max(1, steps // 20)
-  if "encoder_dim" in config.model:
-    model_cfg = ac.AcousticCodecConfig.from_config(config.model)
-    trainer = AcousticTrainer(model_cfg, config.train)
-    clips = load_speech(f.wav_dir, model_cfg.sample_rate)
-    if not clips:
-      raise SystemExit(f"no {model_cfg.sample_rate} Hz .wav files in {f.wav_dir}")
-    crop = int(config.train.crop_seconds * model_cfg.sample_rate) // model_cfg.hop_size * model_cfg.hop_size
-    state = trainer.init(jax.random.key(config.seed), crop)
-    start = time.time()
-    for step in range(1, steps + 1):
-      wav = jnp.asarray(random_crops(rng, clips, config.train.batch_size, crop))
-      state, metrics, fake = trainer.generator_step(state, wav)
-      state, d_metrics = trainer.discriminator_step(state, wav, fake)
-      if step % log_every == 0 or step == 1:
-        m = {k: float(v) for k, v in {**metrics, **d_metrics}.items()}
-        print(f"step {step:5d}  mel {m['mel']:.4f}  adv {m['adv']:.4f}  fm {m['feature_matching']:.4f}  "
-              f"commit {m['commit']:.4f}  codebook {m['codebook']:.4f}  disc {m['disc_loss']:.4f}  "
-              f"({time.time() - start:.0f} s)", flush=True)
-    ac_conv.save_amphion(os.path.join(f.workdir, "encoder.safetensors"),
-                         os.path.join(f.workdir, "decoder.safetensors"),
-                         jax.tree_util.tree_map(np.asarray, state.gen_params), model_cfg)
+def make_data_iterator(config: ml_collections.ConfigDict, setup: cts.CodecSetup, mesh,
+                       process_index: Optional[int] = None,
+                       process_count: Optional[int] = None) -> input_pipeline.GlobalBatchIterator:
+  """Global batches for this process (audio crops, or synthetic features), checkpointable."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  global_batch = config.train.global_batch_size
+  local_batch = input_pipeline.local_batch_size(global_batch, mesh, count)
+  if not setup.from_audio:
+    local = SyntheticFeatureSource(config.seed, global_batch, setup.crop, setup.codec_config.hidden_size,
+                                   config.features.synthetic_clusters, index, count)
   else:
-    model_cfg = sc.SemanticCodecConfig.from_config(config.model)
-    trainer = SemanticTrainer(model_cfg, config.train)
-    state = trainer.init(jax.random.key(config.seed))
-    if not f.synthetic_features:
-      raise SystemExit("semantic-codec training from a feature corpus is not wired here; use --synthetic_features")
-    start = time.time()
-    for step in range(1, steps + 1):
-      feat = jnp.asarray(synthetic_features(rng, config.train.batch_size, config.train.crop_frames,
-                                            model_cfg.hidden_size))
-      state, metrics = trainer.step(state, feat)
-      if step % log_every == 0 or step == 1:
-        m = {k: float(v) for k, v in metrics.items()}
-        print(f"step {step:5d}  loss {m['loss']:.4f}  rec {m['reconstruction']:.4f}  commit {m['commit']:.4f}  "
-              f"codebook {m['codebook']:.4f}  codes used {m['codes_used']:.0f}  perplexity {m['perplexity']:.1f}  "
-              f"restarted {m['restarted']}  ({time.time() - start:.0f} s)", flush=True)
-    sc_conv.save_amphion(os.path.join(f.workdir, "semantic_codec.safetensors"),
-                         jax.tree_util.tree_map(np.asarray, state.params), model_cfg)
-  print(f"wrote the trained parameters to {f.workdir}")
+    from metis_jax.data import waveform_pipeline  # pylint: disable=import-outside-toplevel
+    local = waveform_pipeline.make_local_iterator(config.data, sample_rate=setup.sample_rate, crop=setup.crop,
+                                                  batch_size=local_batch, process_index=index,
+                                                  process_count=count)
+  return input_pipeline.GlobalBatchIterator(local, mesh, global_batch)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+# Metrics on the progress line, by codec kind (others go to TensorBoard and metrics.jsonl only).
+LINE_KEYS = {
+    ac.KIND: ("mel", "adv", "feature_matching", "disc_loss", "commit", "codebook", "codes_used"),
+    sc.KIND: ("loss", "reconstruction", "commit", "codebook", "codes_used", "perplexity"),
+}
+
+
+def progress_line(step: int, total: int, values: dict[str, float], keys: Sequence[str]) -> str:
+  """'step 120/300 | 2.10 step/s 4.2 s audio/s | mel 4.81 adv 0.91 ... | gnorm 1.2 lr 1.0e-03'."""
+  timed = "steps_per_second" in values
+  parts = [f"step {step}/{total}",
+           (f"{values['steps_per_second']:.2f} step/s {values['audio_seconds_per_second']:.1f} s audio/s"
+            if timed else "compiling"),
+           " ".join(f"{k} {values[k]:.4g}" for k in keys if k in values),
+           f"gnorm {values['grad_norm']:.3g} lr {values['learning_rate']:.2e}"]
+  skipped = int(values.get("skipped_steps", 0)) + int(values.get("disc_skipped_steps", 0))
+  if skipped:
+    parts.append(f"skipped updates {skipped}")
+  if values.get("skipped_files", 0):
+    parts.append(f"skipped files {int(values['skipped_files'])}")
+  return " | ".join(parts)
+
+
+class CodecMetricsLogger(metrics_lib.MetricsLogger):
+  """`metrics.MetricsLogger` for codec runs: same one-step-late reads and TensorBoard scalars;
+  throughput in audio seconds per second instead of tokens and MFU; also writes
+  `<workdir>/metrics.jsonl` (one line per step, process 0)."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, setup: cts.CodecSetup,
+               is_writer: Optional[bool] = None):
+    self.config = config
+    self.total_steps = config.train.steps
+    self.every = max(int(config.logging.log_every_steps), 1)
+    self.is_writer = jax.process_index() == 0 if is_writer is None else is_writer
+    seconds = setup.crop / setup.sample_rate if setup.from_audio else setup.crop / 50.0
+    self.audio_seconds_per_step = config.train.global_batch_size * seconds
+    self.keys = LINE_KEYS[setup.kind]
+    self.writer = None
+    self.jsonl = None
+    if self.is_writer and config.logging.tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if self.is_writer and "://" not in workdir:
+      os.makedirs(workdir, exist_ok=True)
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._pending = None
+    self._window_start = None
+    self.history: list[dict[str, float]] = []
+
+  def _log(self, step: int, metrics: Any) -> dict[str, float]:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    values["step"] = step
+    now = time.perf_counter()
+    if self._window_start is None:
+      self._window_start = (step, now)  # the first step includes compilation: not timed
+    self.history.append(values)
+    if self.jsonl is not None:
+      self.jsonl.write(json.dumps(values) + "\n")
+      self.jsonl.flush()
+    if step % self.every and step != self.total_steps:
+      return values
+    start_step, start_time = self._window_start
+    if step > start_step:
+      values["steps_per_second"] = (step - start_step) / max(now - start_time, 1e-9)
+      values["audio_seconds_per_second"] = values["steps_per_second"] * self.audio_seconds_per_step
+    self._window_start = (step, now)
+    if self.is_writer:
+      logging.info(progress_line(step, self.total_steps, values, self.keys))
+      if self.writer is not None:
+        for name, value in values.items():
+          if name != "step":
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self.writer.flush()
+    return values
+
+  def close(self) -> None:
+    super().close()
+    if self.jsonl is not None:
+      self.jsonl.close()
+      self.jsonl = None
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(setup: cts.CodecSetup, params: Any, workdir: str) -> list[str]:
+  """Writes the generator in the released safetensors layout (process 0); returns the paths."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    params = multihost_utils.process_allgather(params, tiled=True)
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  if jax.process_index() != 0:
+    return []
+  if setup.kind == ac.KIND:
+    from metis_jax.conversion import acoustic_codec as convert  # pylint: disable=import-outside-toplevel
+    paths = [os.path.join(workdir, "encoder.safetensors"), os.path.join(workdir, "decoder.safetensors")]
+    convert.save_amphion(*paths, params, setup.codec_config)
+  else:
+    from metis_jax.conversion import semantic_codec as convert  # pylint: disable=import-outside-toplevel
+    paths = [os.path.join(workdir, "semantic_codec.safetensors")]
+    convert.save_amphion(paths[0], params, setup.codec_config)
+  return paths
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class CodecTrainResult:
+  """What a run did (for tests and scripts)."""
+  final_step: int
+  start_step: int
+  preempted: bool
+  history: list
+  exported: list
+  skipped_files: int = 0
+  state: Optional[cts.CodecTrainState] = None
+
+
+_STEPS_CACHE: dict = {}
+
+
+def _cached_steps(setup, config, mesh, shardings, encoder_shardings) -> codec_train_step.JittedSteps:
+  key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat),
+         tuple(mesh.shape.items()))
+  if key not in _STEPS_CACHE:
+    _STEPS_CACHE.clear()  # one run's executables at a time
+    _STEPS_CACHE[key] = codec_train_step.jit_steps(setup, config, mesh, shardings, encoder_shardings)
+  return _STEPS_CACHE[key]
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  if jax.process_index() == 0 and "://" not in workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, devices: Optional[Sequence] = None,
+          stop_after: Optional[int] = None, return_state: bool = False) -> CodecTrainResult:
+  """Runs (or resumes) a codec run until `config.train.steps` or SIGTERM, then exports the codec.
+
+  Args:
+    config: a codec run config (`codec_config`; `config.model.kind` names the codec).
+    workdir: run directory (checkpoints/, tensorboard/, metrics.jsonl, config.json, the
+      exported safetensors).
+    devices: the mesh's devices (default all).
+    stop_after: stop after this step without a final save, as if the job were
+      killed there (tests); the schedule still spans `train.steps`.
+    return_state: keep the final state in the result.
+  """
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  setup = cts.make_setup(config)
+  shardings = cts.state_shardings(setup, mesh)
+  if setup.from_audio:
+    config = with_demo_audio(config, workdir)
+  data = make_data_iterator(config, setup, mesh)
+  _write_config(workdir, config)
+  ckpt = (checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+          if config.checkpoint.enabled else None)
+  latest = ckpt.latest_step() if ckpt else None
+  if latest is not None:
+    logging.info("resuming from checkpoint %d", latest)
+    state = ckpt.restore(latest, cts.abstract_state(setup, mesh), data)
+  else:
+    state = cts.create_sharded_state(setup, mesh, config.seed)
+  step = start_step = int(jax.device_get(state.step))
+  encoder = cts.create_encoder(setup, config, mesh)
+  encoder_sh = cts.encoder_shardings(setup.encoder, mesh, setup.rules) if encoder is not None else None
+  steps = _cached_steps(setup, config, mesh, shardings, encoder_sh)
+  logging.info("%s on mesh %s: %s parameters; global batch %d x %d %s", setup.kind, mesh_lib.describe(mesh),
+               ", ".join(f"{k} {cts.count_params(v) / 1e6:.2f}M" for k, v in state.params.items()),
+               config.train.global_batch_size, setup.crop, "samples" if setup.from_audio else "frames")
+
+  logger = CodecMetricsLogger(workdir, config, setup)
+  profile = metrics_lib.ProfileWindow(workdir, config.logging.profile_start_step,
+                                      config.logging.profile_num_steps)
+  watcher = checkpointing.PreemptionWatcher(config.checkpoint.save_on_preemption)
+  total = config.train.steps
+  preempted, killed = False, False
+  started = time.perf_counter()
+  local = data.local
+  try:
+    while step < total:
+      profile.before_step(step)
+      try:
+        batch = next(data)
+      except StopIteration:
+        logging.warning("the input pipeline ran out of data at step %d (data.num_epochs); stopping", step)
+        break
+      state, step_metrics = steps(state, batch, encoder)
+      step += 1
+      if hasattr(local, "skipped_files"):
+        step_metrics = dict(step_metrics, skipped_files=np.float32(local.skipped_files))
+      logger.push(step, step_metrics)
+      if ckpt:
+        ckpt.save(step, state, data)
+      if stop_after is not None and step >= stop_after:
+        killed = True
+        break
+      if watcher.reached(step):
+        preempted = True
+        logging.warning("preemption: saving step %d and stopping", step)
+        if ckpt:
+          ckpt.save(step, state, data, force=True)
+        break
+    logger.flush()
+    if ckpt and step > start_step and not killed:
+      ckpt.save(step, state, data, force=True)
+  finally:
+    profile.end()
+    logger.close()
+    watcher.close()
+    if ckpt:
+      ckpt.close()
+    if hasattr(data, "close"):
+      data.close()
+  exported = [] if killed else export(setup, state.params[cts.GENERATOR], workdir)
+  logging.info("stopped at step %d after %.1f s%s%s", step, time.perf_counter() - started,
+               " (preempted)" if preempted else "", f"; wrote {', '.join(exported)}" if exported else "")
+  return CodecTrainResult(final_step=step, start_step=start_step, preempted=preempted, history=logger.history,
+                          exported=exported, skipped_files=int(getattr(local, "skipped_files", 0)),
+                          state=state if return_state else None)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of Orbax and Grain."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in ("/orbax/", "/grain/"))
+
+
+def define_flags() -> None:
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file("config", None, "Codec config file (configs/*codec*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, logs and the exported codec.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process jobs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "Codec config file (configs/*codec*.py).")
-  flags.DEFINE_string("workdir", None, "Output folder.")
-  flags.DEFINE_integer("steps", 0, "Training steps (0: the config's).")
-  flags.DEFINE_string("wav_dir", "../shared/data/speech", "24 kHz .wav files (acoustic codec).")
-  flags.DEFINE_bool("synthetic_features", False, "Train the semantic codec on synthetic features.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(_main)
+  define_flags()
+  app.run(main)

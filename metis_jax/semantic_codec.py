@@ -50,24 +50,40 @@ class SemanticCodecConfig:
     return config_lib.dataclass_from_config(cls, model)
 
 
+KIND = "semantic_codec"  # `config.model.kind` of a semantic-codec run (metis_jax.codec_train)
+
+
 def model_config() -> ml_collections.ConfigDict:
-  """`config.model` of the semantic codec (the released sizes)."""
-  return config_lib.config_from_dataclass(SemanticCodecConfig())
+  """`config.model` of the semantic codec (the released sizes), tagged with `kind`."""
+  c = config_lib.config_from_dataclass(SemanticCodecConfig())
+  c.kind = KIND
+  return c
 
 
 def train_config() -> ml_collections.ConfigDict:
   """Training knobs (the original trainer is not released: these are ours)."""
   c = ml_collections.ConfigDict()
   c.steps = 100_000
-  c.batch_size = 32
-  # Frames per training crop (50 per second).
+  # Crops per step over all devices; divisible by the data-parallel size.
+  c.global_batch_size = 32
+  # Feature frames per training crop (50 per second; audio crops are cut to
+  # give exactly this many w2v-BERT frames).
   c.crop_frames = 250
+  # metis_jax.optimizer: warmup, then `decay` to end_learning_rate_ratio *
+  # learning_rate at `steps`.
   c.learning_rate = 1e-4
   c.warmup_steps = 1000
+  c.decay = "cosine"
+  c.end_learning_rate_ratio = 0.1
   c.adam_b1 = 0.9
   c.adam_b2 = 0.99
+  c.adam_eps = 1e-8
   c.weight_decay = 0.0
   c.grad_clip_norm = 1.0
+  # Skip an update whose loss or gradient norm is NaN/Inf (counted).
+  c.skip_nonfinite = True
+  # Debug only: the update of this step (from 1) gets NaN gradients.
+  c.inject_nan_at_step = -1
   # Reconstruction = l1_weight * L1 + mse_weight * MSE to the input features
   # (our decision; the original forward returns only the decoder output).
   c.l1_weight = 1.0
@@ -78,14 +94,6 @@ def train_config() -> ml_collections.ConfigDict:
   c.restart_every = 200
   c.restart_threshold = 1.0
   return c
-
-
-def default_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.model = model_config()
-  config.train = train_config()
-  config.seed = 0
-  return config
 
 
 class VocosProjection(nn.Module):

@@ -9,6 +9,10 @@ r"""Trains a masked generative model: stage-1 Metis (SSL tokens) or S2A (acousti
 
 `config.model.kind` picks the objective ('metis' or 's2a', see
 `train_objectives`); the loop, sharding, checkpoints and metrics are shared.
+Codec configs ('acoustic_codec', 'semantic_codec') are handed to
+`metis_jax.codec_train.train`:
+
+  python -m metis_jax.train --config configs/acoustic_codec_tiny.py --workdir /tmp/codec_tiny
 
 Every `config` field can be overridden as `--config.a.b=value`; unknown keys
 are errors. The run resumes from the newest checkpoint in `<workdir>` if
@@ -33,6 +37,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from metis_jax import checkpointing
+from metis_jax import codec_config
 from metis_jax import distributed
 from metis_jax import input_pipeline
 from metis_jax import mesh as mesh_lib
@@ -209,7 +214,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  train(FLAGS.config, FLAGS.workdir)
+  if codec_config.is_codec_config(FLAGS.config):
+    # The codecs (model.kind 'acoustic_codec' / 'semantic_codec') train with their own steps
+    # (a GAN has two optimizers) on the same mesh, checkpoint and metrics machinery.
+    from metis_jax import codec_train  # pylint: disable=import-outside-toplevel
+    codec_train.train(FLAGS.config, FLAGS.workdir)
+  else:
+    train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -259,30 +259,36 @@ def test_gan_steps_lower_the_mel_loss(speech_dir):
   """A micro codec (hop 6) with one period and one spectrogram discriminator: 25 generator +
   discriminator steps on one batch of real speech (4x louder than recorded, so that the level,
   the first thing a fresh decoder must learn, is off by a lot) lower the mel loss."""
-  from metis_jax import codec_train
-  cfg = ac.AcousticCodecConfig(encoder_dim=8, up_ratios=(6,), latent_dim=16, num_quantizers=2, codebook_size=16,
-                               codebook_dim=4, vocos_dim=32, vocos_intermediate_dim=32, vocos_num_layers=1,
-                               n_fft=24, hop_size=6)
-  train = ac.train_config()  # Adam (0.5, 0.9), LSGAN, mel 10, adv 2, feature matching 2
-  train.learning_rate = 3e-3
-  train.mpd_periods, train.mrd_ffts, train.disc_channels, train.disc_max_channels = (2,), (64,), 4, 16
-  train.mel_windows, train.mel_bins = (32, 128), (5, 20)
-  clips = codec_train.load_speech(speech_dir, cfg.sample_rate)
-  assert clips, f"no 24 kHz clips in {speech_dir}"
-  trainer = codec_train.AcousticTrainer(cfg, train)
-  crop = 1200
-  state = trainer.init(jax.random.key(0), crop)
-  wav = 4 * jnp.asarray(codec_train.random_crops(np.random.default_rng(0), clips, 4, crop))
-  disc_before = jax.tree_util.tree_map(np.asarray, state.disc_params)
+  from metis_jax import codec_config, codec_train_state as cts, codec_train_step, mesh as mesh_lib
+  from metis_jax.data import waveform_pipeline
+  config = codec_config.acoustic_config()  # Adam (0.5, 0.9), LSGAN, mel 10, adv 2, feature matching 2
+  config.model.update(dict(encoder_dim=8, up_ratios=(6,), latent_dim=16, num_quantizers=2, codebook_size=16,
+                           codebook_dim=4, vocos_dim=32, vocos_intermediate_dim=32, vocos_num_layers=1,
+                           n_fft=24, hop_size=6))
+  t = config.train
+  t.learning_rate, t.warmup_steps, t.global_batch_size, t.crop_seconds = 3e-3, 0, 4, 0.05
+  t.mpd_periods, t.mrd_ffts, t.disc_channels, t.disc_max_channels = (2,), (64,), 4, 16
+  t.mel_windows, t.mel_bins = (32, 128), (5, 20)
+  config.mesh.fsdp = 1
+  config.data.train_sources, config.data.num_workers = (speech_dir,), 0
+  setup = cts.make_setup(config)
+  mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:1])
+  shardings = cts.state_shardings(setup, mesh)
+  state = cts.create_sharded_state(setup, mesh, 0)
+  steps = codec_train_step.jit_steps(setup, config, mesh, shardings)
+  crops = next(waveform_pipeline.make_local_iterator(config.data, sample_rate=24000, crop=setup.crop, batch_size=4))
+  batch = {"wav": 4 * jnp.asarray(crops["wav"]), "lengths": jnp.asarray(crops["lengths"])}
+  disc_before = jax.tree_util.tree_map(np.asarray, state.params["discriminator"])
   mels = []
   for _ in range(25):
-    state, m, fake = trainer.generator_step(state, wav)
-    state, d = trainer.discriminator_step(state, wav, fake)
+    state, m, fake = steps.generator(state, batch)
+    state, d = steps.discriminator(state, batch, fake)
     mels.append(float(m["mel"]))
     assert np.isfinite(float(m["loss"])) and np.isfinite(float(d["disc_loss"]))
-  assert fake.shape == (4, crop) and int(state.step) == 25
+  assert setup.crop == 1200 and fake.shape == (4, 1200) and int(state.step) == 25
   assert np.mean(mels[-3:]) < 0.8 * mels[0], mels
-  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != np.asarray(b))), disc_before, state.disc_params)
+  changed = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != np.asarray(b))), disc_before,
+                                   state.params["discriminator"])
   assert all(jax.tree_util.tree_leaves(changed))  # the discriminator step trains every weight
 
 

@@ -148,18 +148,23 @@ def test_released_size():
 
 
 def test_training_lowers_the_loss_and_uses_many_codes():
-  from metis_jax import codec_train
-  cfg = sc.SemanticCodecConfig(codebook_size=256, hidden_size=64, vocos_dim=32, vocos_intermediate_dim=64,
-                               vocos_num_layers=2)
-  train = sc.train_config()
-  train.learning_rate, train.warmup_steps, train.restart_every = 3e-3, 0, 15
-  trainer = codec_train.SemanticTrainer(cfg, train)
-  state = trainer.init(jax.random.key(0))
+  from metis_jax import codec_config, codec_train, codec_train_state as cts, codec_train_step, mesh as mesh_lib
+  config = codec_config.semantic_config()
+  config.model.update(dict(codebook_size=256, hidden_size=64, vocos_dim=32, vocos_intermediate_dim=64,
+                           vocos_num_layers=2))
+  config.features.source = "synthetic"
+  t = config.train
+  t.learning_rate, t.warmup_steps, t.restart_every, t.global_batch_size, t.crop_frames = 3e-3, 0, 15, 8, 50
+  config.mesh.fsdp = 1
+  setup = cts.make_setup(config)
+  mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:1])
+  state = cts.create_sharded_state(setup, mesh, 0)
+  step = codec_train_step.jit_steps(setup, config, mesh, cts.state_shardings(setup, mesh))
   rng = np.random.default_rng(0)
   history = []
   for _ in range(60):
-    feat = jnp.asarray(codec_train.synthetic_features(rng, 8, 50, cfg.hidden_size, clusters=256))
-    state, m = trainer.step(state, feat)
+    feat = jnp.asarray(codec_train.synthetic_features(rng, 8, 50, 64, clusters=256))
+    state, m = step(state, {"features": feat})
     history.append({k: float(v) for k, v in m.items()})
   first, last = np.mean([h["loss"] for h in history[:3]]), np.mean([h["loss"] for h in history[-3:]])
   assert last < 0.7 * first, (first, last)

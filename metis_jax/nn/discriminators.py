@@ -10,17 +10,28 @@ Each sub-discriminator returns (logits, feature maps); `CodecDiscriminator`
 returns lists over all of them. Activations: leaky ReLU 0.1. Widths scale
 with `channels` (32 gives HiFi-GAN's 32-128-512-1024-1024 for the MPD), capped at
 `max_channels`.
+
+Kernels carry the logical axes (..., 'conv_in', 'conv_out') and biases
+('conv_out',), so the mesh rules decide their layout like every other
+parameter (the default rules replicate them).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metis_jax import sharding
 from metis_jax.codec_losses import stft_magnitude
-from metis_jax.nn.conv import host_normal
+from metis_jax.nn.conv import fast_normal
 
 LRELU = 0.1
-INIT = dict(kernel_init=host_normal())  # LeCun normal, drawn on the host (fast to compile)
+
+
+def _conv(features: int, kernel: tuple, name: str, **kwargs) -> nn.Conv:
+  """nn.Conv with a LeCun-normal kernel (fast to compile) and logical axis names."""
+  axes = (None,) * len(kernel) + ("conv_in", "conv_out")
+  return nn.Conv(features, kernel, name=name, kernel_init=sharding.partitioned(fast_normal(), axes),
+                 bias_init=sharding.partitioned(nn.initializers.zeros, ("conv_out",)), **kwargs)
 
 
 class PeriodDiscriminator(nn.Module):
@@ -42,10 +53,10 @@ class PeriodDiscriminator(nn.Module):
     c, cap = self.channels, self.max_channels
     feats = []
     for i, (ch, stride) in enumerate(((c, 3), (4 * c, 3), (16 * c, 3), (32 * c, 3), (32 * c, 1))):
-      h = nn.Conv(min(ch, cap), (5,), strides=(stride,), padding=((2, 2),), name=f"conv_{i}", **INIT)(h)
+      h = _conv(min(ch, cap), (5,), f"conv_{i}", strides=(stride,), padding=((2, 2),))(h)
       h = nn.leaky_relu(h, LRELU)
       feats.append(h)
-    h = nn.Conv(1, (3,), padding=((1, 1),), name="conv_post", **INIT)(h)
+    h = _conv(1, (3,), "conv_post", padding=((1, 1),))(h)
     feats.append(h)
     return h.reshape(b, p, -1), feats
 
@@ -61,13 +72,13 @@ class SpectrogramDiscriminator(nn.Module):
     h = mag
     feats = []
     for i, stride in enumerate((1, 2, 2, 2, 2)):
-      h = nn.Conv(self.channels, (3, 9), strides=(1, stride), padding=((1, 1), (4, 4)), name=f"conv_{i}", **INIT)(h)
+      h = _conv(self.channels, (3, 9), f"conv_{i}", strides=(1, stride), padding=((1, 1), (4, 4)))(h)
       h = nn.leaky_relu(h, LRELU)
       feats.append(h)
-    h = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), name="conv_5", **INIT)(h)
+    h = _conv(self.channels, (3, 3), "conv_5", padding=((1, 1), (1, 1)))(h)
     h = nn.leaky_relu(h, LRELU)
     feats.append(h)
-    h = nn.Conv(1, (3, 3), padding=((1, 1), (1, 1)), name="conv_post", **INIT)(h)
+    h = _conv(1, (3, 3), "conv_post", padding=((1, 1), (1, 1)))(h)
     feats.append(h)
     return h[..., 0], feats
 

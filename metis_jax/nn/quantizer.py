@@ -96,10 +96,11 @@ class FactorizedVQ(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, weight_norm=self.weight_norm)
+    dt = dict(dtype=self.dtype, param_dtype=self.param_dtype, weight_norm=self.weight_norm,
+              kernel_init=conv.WN_KERNEL_INIT)
     self.in_project = conv.Conv1d(self.codebook_dim, 1, kernel_axes=(None, "conv_in", None), **dt)
     self.out_project = conv.Conv1d(self.input_dim, 1, kernel_axes=(None, None, "conv_out"), **dt)
-    self.codebook = self.param("codebook", sharding.partitioned(conv.host_normal(1.0, truncate=np.inf), ("codebook", None)),
+    self.codebook = self.param("codebook", sharding.partitioned(conv.fast_normal(1.0, truncate=np.inf), ("codebook", None)),
                                (self.codebook_size, self.codebook_dim), self.param_dtype)
 
   def embed_codes(self, codes: jax.Array) -> jax.Array:
