@@ -133,6 +133,11 @@ def train_config() -> ml_collections.ConfigDict:
   # Generator-only steps before the adversarial and feature-matching terms
   # join the generator loss (the discriminators train from the start).
   c.disc_start_step = 0
+  # RVQ codebooks at the start: 'data' draws each layer's rows from the first
+  # batch's projected latents (metis_jax/codec_train_step.py says why: with
+  # N(0, 1) rows, 300x larger than the fresh encoder's latents, the RVQ
+  # collapsed to 1-2 codes per layer); 'random' keeps the N(0, 1) init (DAC).
+  c.codebook_init = "data"
   # Dead-code restarts of the RVQ codebooks (see semantic_codec.train_config);
   # off for the acoustic codec by default, as in DAC.
   c.restart_every = 0

@@ -14,6 +14,10 @@ encoder/decoder. Per file and number of RVQ layers it prints:
   SI-SNR scale-invariant signal-to-noise ratio in dB (higher is better)
   STOI   short-time objective intelligibility, 0..1, if `pystoi` is installed
   PESQ   wide-band PESQ (16 kHz), 1..4.5, if `pesq` is installed
+  mel_x  (two files or more) mel distance of the reconstruction to the NEXT
+         file's audio (first 10 s of each): a codec that ignores its input
+         (a collapsed quantizer) scores about the same as its mel; a working
+         codec scores far lower on its own audio
 
 STOI/PESQ are optional: `pip install pystoi pesq` (pystoi==0.4.1, pesq==0.0.4).
 """
@@ -68,8 +72,9 @@ def metrics(estimate: np.ndarray, reference: np.ndarray, sample_rate: int = ac.S
   return out
 
 
-def evaluate(codec: ac.AcousticCodecInference, audio: np.ndarray, layers=(12,), chunk_seconds: float = 30.0) -> dict:
-  """{n_layers: metrics} for one mono 24 kHz clip."""
+def evaluate(codec: ac.AcousticCodecInference, audio: np.ndarray, layers=(12,), chunk_seconds: float = 30.0,
+             reconstructions: dict | None = None) -> dict:
+  """{n_layers: metrics} for one mono 24 kHz clip (`reconstructions`, if given, gets {n: audio})."""
   hop, sr = codec.config.hop_size, codec.config.sample_rate
   audio = audio[:len(audio) // hop * hop]
   chunk_frames = int(chunk_seconds * sr) // hop
@@ -85,7 +90,29 @@ def evaluate(codec: ac.AcousticCodecInference, audio: np.ndarray, layers=(12,), 
     else:
       rec = np.asarray(codec.decode(sub))[0]
     results[n] = metrics(rec, audio, sr)
+    if reconstructions is not None:
+      reconstructions[n] = rec
   return results
+
+
+CROSS_SECONDS = 10.0
+
+
+def add_cross_mel(rows: list[tuple[str, int, dict]], audios: list[np.ndarray], recs: list[dict],
+                  sample_rate: int = ac.SAMPLE_RATE) -> None:
+  """Adds 'mel_x' to each row: file i's reconstruction against file i+1's audio (cyclic, first 10 s)."""
+  if len(audios) < 2:
+    return
+  n_max = int(CROSS_SECONDS * sample_rate)
+  by_file = {}
+  for name, n, m in rows:
+    by_file.setdefault(name, []).append((n, m))
+  for i, entries in enumerate(by_file.values()):
+    other = audios[(i + 1) % len(audios)]
+    for n, m in entries:
+      rec = recs[i][n]
+      k = min(len(rec), len(other), n_max)
+      m["mel_x"] = codec_losses.mel_distance(rec[:k], other[:k], sample_rate)
 
 
 def load_codec(encoder: str, decoder: str) -> ac.AcousticCodecInference:
@@ -95,7 +122,7 @@ def load_codec(encoder: str, decoder: str) -> ac.AcousticCodecInference:
 
 
 def format_table(rows: list[tuple[str, int, dict]]) -> str:
-  keys = ["mel", "si_snr"] + [k for k in ("stoi", "pesq") if any(k in r[2] for r in rows)]
+  keys = ["mel", "si_snr"] + [k for k in ("stoi", "pesq", "mel_x") if any(k in r[2] for r in rows)]
   lines = [f"{'file':<40}{'layers':>7}" + "".join(f"{k:>9}" for k in keys)]
   lines.append("-" * len(lines[0]))
   for name, n, m in rows:
@@ -124,10 +151,15 @@ def main(argv=None):
   codec = load_codec(args.encoder, args.decoder)
   layers = [min(int(n), codec.config.num_quantizers) for n in args.layers.split(",")]
   files = [f for pattern in args.wav for f in (sorted(glob.glob(pattern)) or [pattern])]
-  rows = []
+  rows, audios, recs = [], [], []
   for path in files:
-    for n, m in evaluate(codec, read_audio(path, codec.config.sample_rate), layers, args.chunk_seconds).items():
+    audio, rec = read_audio(path, codec.config.sample_rate), {}
+    for n, m in evaluate(codec, audio, layers, args.chunk_seconds, rec).items():
       rows.append((os.path.basename(path), n, m))
+    n_keep = int(CROSS_SECONDS * codec.config.sample_rate)
+    audios.append(audio[:n_keep])
+    recs.append({n: r[:n_keep] for n, r in rec.items()})
+  add_cross_mel(rows, audios, recs, codec.config.sample_rate)
   print(format_table(rows))
   if pystoi is None or pesq_lib is None:
     print("(STOI/PESQ: pip install pystoi pesq)")

@@ -12,7 +12,8 @@ r"""Trains the codecs (the original trainers are not released) with the stage-1 
 (`metis_jax.codec_config`; `config.model.kind` is 'acoustic_codec' or
 'semantic_codec'): the mesh from `config.mesh`; the state (generator,
 discriminator, both optimizer states, step, RNG, skip counters, code usage)
-created sharded by the logical rules (`codec_train_state`); the jitted,
+created sharded by the logical rules (`codec_train_state`), its codebooks
+drawn from the first batch when `train.codebook_init` is 'data'; the jitted,
 sharded, donated steps of `codec_train_step`; Grain batches of random audio
 crops (`data.waveform_pipeline`) as global arrays over (data, fsdp); Orbax
 checkpoints through `checkpointing.Checkpointer` (with the data iterator;
@@ -339,6 +340,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, devices: Optional[
       except StopIteration:
         logging.warning("the input pipeline ran out of data at step %d (data.num_epochs); stopping", step)
         break
+      if step == 0 and config.train.get("codebook_init", "random") == "data":
+        state = steps.init_codebooks(state, batch, encoder)
+        logging.info("codebooks drawn from the first batch's latents")
       state, step_metrics = steps(state, batch, encoder)
       step += 1
       if hasattr(local, "skipped_files"):

@@ -33,6 +33,8 @@ from metis_jax import w2v_bert
 from metis_jax.nn import discriminators
 
 GENERATOR, DISCRIMINATOR = "generator", "discriminator"
+# `train.codebook_init`: N(0, 1) rows, or rows drawn from the first batch (codec_train_step).
+CODEBOOK_INITS = ("random", "data")
 # Audio samples of one w2v-BERT frame (two 10 ms filterbank frames).
 SAMPLES_PER_FEATURE_FRAME = fbank.HOP_LENGTH * fbank.STRIDE
 
@@ -147,6 +149,8 @@ def make_setup(config: ml_collections.ConfigDict) -> CodecSetup:
   kind = config.model.get("kind", "")
   rules = mesh_lib.logical_rules(config)
   t = config.train
+  if t.get("codebook_init", "random") not in CODEBOOK_INITS:
+    raise ValueError(f"train.codebook_init must be one of {CODEBOOK_INITS}, got {t.codebook_init!r}")
   if kind == ac.KIND:
     codec_cfg = ac.AcousticCodecConfig.from_config(config.model)
     disc = discriminators.CodecDiscriminator(tuple(t.mpd_periods), tuple(t.mrd_ffts), t.disc_channels,

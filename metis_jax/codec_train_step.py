@@ -14,14 +14,17 @@ and multi-resolution spectrogram discriminators) + vq_weight * (commitment
 `generator_step` and `discriminator_step` are separate pure functions; the
 discriminator step takes the generator's output of the same batch.
 
-Both: every `restart_every` steps, codes used fewer than `restart_threshold`
-times since the last restart are re-drawn from random projected encoder
-outputs z_e of the current batch (dead-code restarts). They do not prevent
-what the tiny acoustic CPU runs show (configs/acoustic_codec_tiny.py): the
-z_e of all frames gain a large shared component and the cosine search then
-uses 1-2 codes per layer. (A data-dependent codebook init from the first
-batch was tried and dropped: it slowed that collapse only a little and made
-the semantic codec's VQ losses diverge.) An update whose loss or gradient
+Both: with `codebook_init = 'data'`, the first step's batch first sets every
+RVQ codebook to random projected latents of that batch, layer by layer
+(`init_codebooks`). The acoustic codec needs it: its encoder starts with
+latents about 300 times smaller than N(0, 1) codebook rows, the commitment
+loss then pulls every latent outward, the easiest way out is one shared
+direction, and the cosine search then uses 1-2 codes per layer (a tiny CPU run
+collapsed that way within 100 steps at every learning rate, while the same
+encoder and decoder without the quantizer learned to reconstruct). Every
+`restart_every` steps, codes used fewer than `restart_threshold` times since
+the last restart are re-drawn from random projected latents z_e of the
+current batch (dead-code restarts). An update whose loss or gradient
 norm is NaN/Inf is skipped (parameters and optimizer state kept, counted per
 network). The step's random numbers come from
 `fold_in(key(state.rng), state.step)`.
@@ -115,6 +118,22 @@ def _quantizer_path(kind: str) -> tuple[str, ...]:
   return ("decoder", "quantizer") if kind == ac.KIND else ("quantizer",)
 
 
+def _get_quantizer(params: dict, kind: str) -> dict:
+  for p in _quantizer_path(kind):
+    params = params[p]
+  return params
+
+
+def _put_quantizer(params: dict, kind: str, quantizer: dict) -> dict:
+  """`params` with the ResidualVQ subtree replaced (the other subtrees shared, not copied)."""
+
+  def put(tree, path):
+    return quantizer if not path else dict(tree, **{path[0]: put(tree[path[0]], path[1:])})
+
+  return put(params, _quantizer_path(kind))
+
+
+
 def maybe_restart(params: dict, usage: jax.Array, codes: jax.Array, z_e: jax.Array, valid: jax.Array,
                   key: jax.Array, step: jax.Array, applied: jax.Array, kind: str,
                   train: ml_collections.ConfigDict, codebook_size: int):
@@ -130,18 +149,38 @@ def maybe_restart(params: dict, usage: jax.Array, codes: jax.Array, z_e: jax.Arr
   if not train.restart_every:
     return params, new_usage, batch_usage, jnp.zeros((), jnp.int32)
   do = applied & ((step + 1) % train.restart_every == 0)
-  *parents, leaf = _quantizer_path(kind)
-  node = params
-  for p in parents:
-    node = node[p]
-  fresh, n = restart_codebooks(node[leaf], new_usage, z_e, valid, key, train.restart_threshold)
-  chosen = jax.tree.map(lambda f, o: jnp.where(do, f, o), fresh, node[leaf])
-
-  def put(tree, path):
-    return chosen if not path else dict(tree, **{path[0]: put(tree[path[0]], path[1:])})
-
-  params = put(params, _quantizer_path(kind))
+  node = _get_quantizer(params, kind)
+  fresh, n = restart_codebooks(node, new_usage, z_e, valid, key, train.restart_threshold)
+  chosen = jax.tree.map(lambda f, o: jnp.where(do, f, o), fresh, node)
+  params = _put_quantizer(params, kind, chosen)
   return params, jnp.where(do, 0.0, new_usage), batch_usage, jnp.where(do, n, 0).astype(jnp.int32)
+
+
+def init_codebooks(state: CodecTrainState, batch: Batch, encoder: Any = None, *,
+                   setup: CodecSetup) -> CodecTrainState:
+  """Every RVQ codebook drawn from this batch's projected latents (`ResidualVQ.data_codebooks`).
+
+  Run once, on the first batch of a fresh run, before its first step. Only
+  the codebooks change (the optimizer moments of a fresh run are zero). The
+  draws come from `fold_in(key(state.rng), 2**32 - 1)`, apart from every step's key.
+  """
+  params = state.params[GENERATOR]
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), jnp.uint32(2**32 - 1))
+  if setup.kind == ac.KIND:
+    latent_fn = lambda m: m.encode_latent(batch["wav"], batch["lengths"])
+    rvq = lambda m: m.decoder.quantizer
+  else:
+    feat, valid = input_features(setup, encoder, batch)
+    latent_fn = lambda m: (m.encoder(feat, valid), valid)
+    rvq = lambda m: m.quantizer
+  latent, valid = setup.codec.apply({"params": params}, method=latent_fn)
+  books = setup.codec.apply({"params": params}, latent, valid, key,
+                            method=lambda m, *a: rvq(m).data_codebooks(*a))
+  quantizer = dict(_get_quantizer(params, setup.kind))
+  for q in range(books.shape[0]):
+    quantizer[f"layers_{q}"] = dict(quantizer[f"layers_{q}"], codebook=books[q].astype(
+        quantizer[f"layers_{q}"]["codebook"].dtype))
+  return state.replace(params=dict(state.params, **{GENERATOR: _put_quantizer(params, setup.kind, quantizer)}))
 
 
 def _usage_metrics(batch_usage: jax.Array) -> dict[str, jax.Array]:
@@ -318,10 +357,16 @@ class JittedSteps:
   generator: acoustic `(state, batch) -> (state, metrics, fake)`;
     semantic `(state, batch, encoder) -> (state, metrics)`.
   discriminator: acoustic `(state, batch, fake) -> (state, metrics)`, else None.
+  codebooks: `(state, batch, encoder) -> state` (`init_codebooks`).
   """
   kind: str
   generator: Callable
   discriminator: Optional[Callable]
+  codebooks: Callable
+
+  def init_codebooks(self, state: CodecTrainState, batch: Batch, encoder: Any = None) -> CodecTrainState:
+    """The state with every codebook drawn from `batch` (a fresh run's first batch)."""
+    return self.codebooks(state, batch, encoder)
 
   def __call__(self, state: CodecTrainState, batch: Batch, encoder: Any = None):
     """One full training step -> (state, merged metrics)."""
@@ -354,6 +399,9 @@ def jit_steps(setup: CodecSetup, config: ml_collections.ConfigDict, mesh: Mesh, 
         return fn(*args)
     return wrapped
 
+  books = jax.jit(in_context(functools.partial(init_codebooks, setup=setup)),
+                  in_shardings=(shardings, batch_sh, encoder_shardings), out_shardings=shardings,
+                  donate_argnums=0)
   if setup.kind == ac.KIND:
     fake_sh = mesh_lib.batch_sharding(mesh, 2)
     gen = in_context(functools.partial(generator_step, setup=setup, config=config))
@@ -363,7 +411,9 @@ def jit_steps(setup: CodecSetup, config: ml_collections.ConfigDict, mesh: Mesh, 
         jax.jit(gen, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated, fake_sh),
                 donate_argnums=0),
         jax.jit(disc, in_shardings=(shardings, batch_sh, fake_sh), out_shardings=(shardings, replicated),
-                donate_argnums=0))
+                donate_argnums=0),
+        books)
   step = in_context(functools.partial(semantic_step, setup=setup, config=config))
   return JittedSteps(setup.kind, jax.jit(step, in_shardings=(shardings, batch_sh, encoder_shardings),
-                                         out_shardings=(shardings, replicated), donate_argnums=0), None)
+                                         out_shardings=(shardings, replicated), donate_argnums=0), None,
+                     books)

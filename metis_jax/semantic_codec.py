@@ -88,6 +88,11 @@ def train_config() -> ml_collections.ConfigDict:
   # (our decision; the original forward returns only the decoder output).
   c.l1_weight = 1.0
   c.mse_weight = 1.0
+  # RVQ codebooks at the start: 'random' (N(0, 1), the RepCodec init) or
+  # 'data' (drawn from the first batch's projected latents, as the acoustic
+  # codec does). 'random' here: drawn codebooks made this codec's VQ losses
+  # diverge in tiny runs, and its restarts keep the codes alive.
+  c.codebook_init = "random"
   # Dead-code restarts: every `restart_every` steps, codes used fewer than
   # `restart_threshold` times since the last restart are re-drawn from random
   # projected encoder outputs of the current batch. 0 disables.

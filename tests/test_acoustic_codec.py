@@ -309,3 +309,23 @@ def test_reconstruction_report(parity_dir, speech_dir):
   assert codec_report.metrics(audio, audio)["mel"] < 1e-6
   noisy = codec_report.metrics(audio + 0.1 * np.random.default_rng(0).standard_normal(len(audio)), audio)
   assert noisy["si_snr"] < 10
+
+
+def test_report_cross_mel_tells_a_collapsed_codec_from_a_working_one(speech_dir):
+  """mel_x (reconstruction vs the next file's audio): a perfect codec scores far from its mel; a
+  codec whose output ignores its input scores the same in the mean."""
+  from metis_jax import codec_report
+  clips = sorted(f for f in os.listdir(speech_dir) if f.endswith(".wav"))[:3]
+  audios = [codec_report.read_audio(os.path.join(speech_dir, c))[:24000] for c in clips]
+
+  def rows_for(recs):
+    rows = [(c, 12, codec_report.metrics(r[12], a)) for c, r, a in zip(clips, recs, audios)]
+    codec_report.add_cross_mel(rows, audios, recs)
+    return [m for _, _, m in rows]
+
+  perfect = rows_for([{12: a} for a in audios])
+  assert all(m["mel"] < 1e-6 and m["mel_x"] > 0.2 for m in perfect)
+  constant = rows_for([{12: audios[0]} for _ in audios])  # the same output for every input
+  np.testing.assert_allclose(np.mean([m["mel"] for m in constant]), np.mean([m["mel_x"] for m in constant]),
+                             rtol=1e-5)
+  assert "mel_x" in codec_report.format_table([(c, 12, m) for c, m in zip(clips, perfect)])

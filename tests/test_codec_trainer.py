@@ -7,12 +7,14 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 import soundfile
 from jax.sharding import PartitionSpec as P
 
 from metis_jax import checkpointing
 from metis_jax import codec_config
 from metis_jax import codec_train
+from metis_jax import codec_train_step
 from metis_jax import codec_train_state as cts
 from metis_jax import config_lib
 from metis_jax import mesh as mesh_lib
@@ -113,6 +115,54 @@ def test_acoustic_codec_trains_sharded_resumes_exactly_and_skips_nonfinite(tmp_p
   assert cfg.hop_size == 6 and cfg.num_quantizers == 2
   np.testing.assert_allclose(params["decoder"]["quantizer"]["layers_1"]["codebook"],
                              jax.device_get(state.params["generator"]["decoder"]["quantizer"]["layers_1"]["codebook"]))
+
+
+def test_first_batch_draws_the_codebooks(speech_dir):
+  """codebook_init='data': before the first step, every RVQ layer's rows become projected latents
+  of the first batch (the codes then sit at the latents' scale), and nothing else changes."""
+  config = config_lib.load_config("acoustic_codec_tiny", MICRO_ACOUSTIC + [
+      "mesh.fsdp=1", f"data.train_sources=('{speech_dir}',)"])
+  assert config.train.codebook_init == "data"
+  setup = cts.make_setup(config)
+  mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:1])
+  state = cts.create_sharded_state(setup, mesh, config.seed)
+  before = jax.device_get(state.params["generator"])
+  data = codec_train.make_data_iterator(config, setup, mesh, 0, 1)
+  batch = next(data)
+  steps = codec_train_step.jit_steps(setup, config, mesh, cts.state_shardings(setup, mesh))
+  after = jax.device_get(steps.init_codebooks(state, batch).params["generator"])
+
+  quantizer = lambda p: p["decoder"]["quantizer"]
+  _assert_same({k: v for k, v in after.items() if k != "decoder"},
+               {k: v for k, v in before.items() if k != "decoder"})
+  _assert_same(after["decoder"]["backbone"], before["decoder"]["backbone"])
+  z_e = setup.codec.apply({"params": after}, batch["wav"], batch["lengths"], train=False).z_e
+  for q in range(config.model.num_quantizers):
+    layer, old = quantizer(after)[f"layers_{q}"], quantizer(before)[f"layers_{q}"]
+    _assert_same(layer["in_project"], old["in_project"])
+    assert np.all(np.isfinite(layer["codebook"])) and not np.array_equal(layer["codebook"], old["codebook"])
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))
+    assert 0.5 < rms(layer["codebook"]) / rms(z_e[q]) < 2.0
+  data.close()
+
+  config.train.codebook_init = "kmeans"
+  with pytest.raises(ValueError, match="codebook_init"):
+    cts.make_setup(config)
+
+  # The semantic codec (default 'random') draws its codebooks the same way when asked to.
+  config = config_lib.load_config("semantic_codec_tiny", [
+      "features.source=synthetic", "train.codebook_init=data", "train.crop_frames=10",
+      "train.global_batch_size=2", "model.vocos_num_layers=1", "mesh.fsdp=1"])
+  setup = cts.make_setup(config)
+  state = cts.create_sharded_state(setup, mesh, config.seed)
+  batch = next(iter(codec_train.make_data_iterator(config, setup, mesh, 0, 1)))
+  before = jax.device_get(state.params["generator"]["quantizer"]["layers_0"]["codebook"])
+  steps = codec_train_step.jit_steps(setup, config, mesh, cts.state_shardings(setup, mesh))
+  after = jax.device_get(steps.init_codebooks(state, batch).params["generator"])
+  out = setup.codec.apply({"params": after}, batch["features"])
+  rms = lambda x: float(np.sqrt(np.mean(np.square(x))))
+  assert 0.5 < rms(after["quantizer"]["layers_0"]["codebook"]) / rms(out.vq.z_e[0]) < 2.0
+  assert not np.array_equal(after["quantizer"]["layers_0"]["codebook"], before)
 
 
 def _checkpoint_steps(workdir):

@@ -196,3 +196,33 @@ def test_usage_perplexity_and_dead_code_restart():
   assert int(n_dead) == 2
   np.testing.assert_array_equal(new[jnp.array([0, 3])], cb[jnp.array([0, 3])])
   np.testing.assert_array_equal(new[jnp.array([1, 2])], -1.0)
+
+
+def test_data_codebooks_are_drawn_layer_by_layer_from_valid_latents():
+  """Each layer's rows are (noisy) projected latents of that layer's residual, valid frames only."""
+  model = _rvq(n=3)
+  params, z = _init(model, batch=2, length=6)
+  z = z * 0.01  # a fresh encoder's scale, far below N(0, 1) codebook rows
+  valid = jnp.array([[True] * 6, [True] * 2 + [False] * 4])
+  books = jax.jit(functools.partial(model.apply, method=vq.ResidualVQ.data_codebooks))(
+      {"params": params}, z, valid, jax.random.key(3), 0.0)
+  assert books.shape == (3, K, d)
+
+  # Replay the stack with the drawn codebooks: layer i's candidates are its z_e of valid frames.
+  drawn = jax.tree.map(lambda x: x, params)
+  for i in range(3):
+    drawn[f"layers_{i}"]["codebook"] = books[i]
+  out = model.apply({"params": drawn}, z, valid)
+  for i in range(3):
+    cands = np.asarray(out.z_e[i])[np.asarray(valid)]  # [8 valid frames, d]
+    dist = np.min(np.linalg.norm(np.asarray(books[i])[:, None] - cands[None], axis=-1), axis=1)
+    np.testing.assert_allclose(dist, 0.0, atol=1e-6)  # every row is a valid frame's z_e (noise 0)
+    # The codes now sit at the latents' scale: the commitment loss is small, not ~1.
+    assert float(out.commit_loss[i]) < 0.25 * 0.1 * float(np.mean(np.square(cands)))
+
+  # Noise tells repeated draws apart, relative to each row's size.
+  noisy = model.apply({"params": params}, z, valid, jax.random.key(3), 0.01,
+                      method=vq.ResidualVQ.data_codebooks)
+  rel = np.linalg.norm(noisy[0] - books[0], axis=-1) / np.linalg.norm(books[0], axis=-1)
+  assert 0.0 < rel.max() < 0.05
+  assert len(np.unique(np.round(np.asarray(noisy[0]), 7), axis=0)) == K

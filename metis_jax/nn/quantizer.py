@@ -10,6 +10,11 @@ and projects back (`out_project`, d -> D).
 Losses per item (means over time and code dimensions, on unnormalized
 vectors): commitment = w_c * mse(z_e, sg(z_q)), codebook = w_b * mse(z_q, sg(z_e)).
 
+Codebooks are N(0, 1) at init, or drawn from data (`ResidualVQ.data_codebooks`:
+each layer's rows are random projected latents of that layer, taken layer by
+layer down the residual stack, so code and latent scales match from the first
+step; the codec trainers use this for the acoustic codec).
+
 `ResidualVQ` applies N of them to successive residuals (r <- r - q_i(r), for
 every layer, also the dropped ones) and sums the outputs. Quantizer dropout
 (training): the first floor(batch * dropout) items keep n_q ~ U{1..N} layers
@@ -107,9 +112,17 @@ class FactorizedVQ(nn.Module):
     """`[batch, time]` codes -> `[batch, time, D]` (codebook row, out-projected)."""
     return self.out_project(jnp.take(self.codebook, codes, axis=0).astype(self.dtype))
 
+  def project(self, z: jax.Array) -> jax.Array:
+    """`[batch, time, D]` latents -> `[batch, time, d]` float32 z_e (in_project)."""
+    return self.in_project(z).astype(jnp.float32)
+
+  def embed_rows(self, rows: jax.Array) -> jax.Array:
+    """`[batch, time, d]` code-space vectors -> `[batch, time, D]` (out_project)."""
+    return self.out_project(rows.astype(self.dtype))
+
   def __call__(self, z: jax.Array, valid: jax.Array | None = None) -> VQOutput:
     """z `[batch, time, D]`, valid `[batch, time]` (masks the losses) -> VQOutput."""
-    z_e = self.in_project(z).astype(jnp.float32)
+    z_e = self.project(z)
     codes = nearest_code(z_e, self.codebook, self.use_l2_normalize)
     z_q = jnp.take(self.codebook, codes, axis=0).astype(jnp.float32)
     commit = self.commitment * _masked_mean(jnp.square(z_e - jax.lax.stop_gradient(z_q)), valid)
@@ -211,6 +224,30 @@ class ResidualVQ(nn.Module):
                      commit_loss=jnp.stack(commits), codebook_loss=jnp.stack(books),
                      layer_mask=jnp.stack(masks, axis=-1), z_e=jnp.stack(z_es))
 
+  def data_codebooks(self, z: jax.Array, valid: jax.Array | None, rng: jax.Array,
+                     noise: float = 0.01) -> jax.Array:
+    """Codebooks drawn from data, layer by layer: `[n_q, K, d]` (not assigned; the caller puts them).
+
+    Layer i's rows are `sample_codebook` draws from its projected latents z_e,
+    where layer i's residual is what the layers before it, already holding
+    their drawn codebooks, leave (all N layers, no dropout).
+
+    Args:
+      z: `[batch, time, D]` latents (the encoder's output on a data batch).
+      valid: optional `[batch, time]` bool; only valid frames are drawn.
+      rng: PRNG key.
+      noise: relative noise added to each drawn row (tells repeated draws apart).
+    """
+    residual = z.astype(jnp.float32)
+    books = []
+    for layer, key in zip(self.layers, jax.random.split(rng, self.num_quantizers)):
+      z_e = layer.project(residual)
+      book = sample_codebook(z_e, valid, self.codebook_size, key, noise)
+      rows = jnp.take(book, nearest_code(z_e, book, self.use_l2_normalize), axis=0)
+      residual = residual - layer.embed_rows(rows).astype(jnp.float32)
+      books.append(book)
+    return jnp.stack(books)
+
   def vq2emb(self, codes: jax.Array) -> jax.Array:
     """`[batch, time, n]` codes (n <= N, the first n layers) -> `[batch, time, D]` summed embeddings."""
     n = codes.shape[-1]
@@ -234,6 +271,26 @@ def perplexity(counts: jax.Array) -> jax.Array:
   """exp(entropy) of code counts `[..., K]` -> `[...]` (effective codes in use)."""
   p = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
   return jnp.exp(-jnp.sum(p * jnp.log(p + 1e-10), axis=-1))
+
+
+def sample_codebook(z_e: jax.Array, valid: jax.Array | None, size: int, rng: jax.Array,
+                    noise: float = 0.01) -> jax.Array:
+  """`size` rows drawn (with replacement) from the valid frames of `[batch, time, d]` z_e.
+
+  Each row gets Gaussian noise of `noise` times its own RMS, so rows drawn
+  twice are different codes. Returns `[size, d]` float32. Pure; jit-able.
+  """
+  flat = z_e.reshape(-1, z_e.shape[-1]).astype(jnp.float32)
+  k_pick, k_noise = jax.random.split(rng)
+  if valid is None:
+    picks = jax.random.randint(k_pick, (size,), 0, flat.shape[0])
+  else:
+    w = valid.reshape(-1).astype(jnp.float32)
+    p = jnp.where(jnp.sum(w) > 0, w / jnp.maximum(jnp.sum(w), 1.0), 1.0 / w.shape[0])
+    picks = jax.random.choice(k_pick, flat.shape[0], (size,), p=p)
+  rows = flat[picks]
+  rms = jnp.sqrt(jnp.mean(jnp.square(rows), axis=-1, keepdims=True))
+  return rows + noise * rms * jax.random.normal(k_noise, rows.shape, jnp.float32)
 
 
 def restart_dead_codes(codebook: jax.Array, counts: jax.Array, candidates: jax.Array, rng: jax.Array,
