@@ -180,50 +180,26 @@ class CodecMetricsLogger(metrics_lib.MetricsLogger):
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, setup: cts.CodecSetup,
                is_writer: Optional[bool] = None):
-    self.config = config
-    self.total_steps = config.train.steps
-    self.every = max(int(config.logging.log_every_steps), 1)
-    self.is_writer = jax.process_index() == 0 if is_writer is None else is_writer
+    self._init_common(workdir, config, is_writer)
     seconds = setup.crop / setup.sample_rate if setup.from_audio else setup.crop / 50.0
     self.audio_seconds_per_step = config.train.global_batch_size * seconds
     self.keys = LINE_KEYS[setup.kind]
-    self.writer = None
     self.jsonl = None
-    if self.is_writer and config.logging.tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     if self.is_writer and "://" not in workdir:
       os.makedirs(workdir, exist_ok=True)
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._pending = None
-    self._window_start = None
-    self.history: list[dict[str, float]] = []
 
-  def _log(self, step: int, metrics: Any) -> dict[str, float]:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    values["step"] = step
-    now = time.perf_counter()
-    if self._window_start is None:
-      self._window_start = (step, now)  # the first step includes compilation: not timed
-    self.history.append(values)
+  def _record(self, values: dict[str, float]) -> None:
     if self.jsonl is not None:
       self.jsonl.write(json.dumps(values) + "\n")
       self.jsonl.flush()
-    if step % self.every and step != self.total_steps:
-      return values
-    start_step, start_time = self._window_start
-    if step > start_step:
-      values["steps_per_second"] = (step - start_step) / max(now - start_time, 1e-9)
-      values["audio_seconds_per_second"] = values["steps_per_second"] * self.audio_seconds_per_step
-    self._window_start = (step, now)
-    if self.is_writer:
-      logging.info(progress_line(step, self.total_steps, values, self.keys))
-      if self.writer is not None:
-        for name, value in values.items():
-          if name != "step":
-            self.writer.add_scalar(f"train/{name}", value, step)
-        self.writer.flush()
-    return values
+
+  def _add_throughput(self, values: dict[str, float], steps_per_second: float) -> None:
+    values["steps_per_second"] = steps_per_second
+    values["audio_seconds_per_second"] = steps_per_second * self.audio_seconds_per_step
+
+  def _progress_line(self, step: int, values: dict[str, float]) -> str:
+    return progress_line(step, self.total_steps, values, self.keys)
 
   def close(self) -> None:
     super().close()

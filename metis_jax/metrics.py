@@ -103,14 +103,18 @@ class MetricsLogger:
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, num_devices: int,
                device_kind: str, is_writer: Optional[bool] = None):
-    self.config = config
-    self.total_steps = config.train.steps
-    self.every = max(int(config.logging.log_every_steps), 1)
-    self.is_writer = jax.process_index() == 0 if is_writer is None else is_writer
+    self._init_common(workdir, config, is_writer)
     self.tokens_per_step = config.train.global_batch_size * config.train.seq_length
     self.flops_per_token = training_flops_per_token(config.model, config.train.seq_length)
     self.peak = peak_flops_per_device(device_kind, config.logging.peak_flops_per_device)
     self.num_devices = num_devices
+
+  def _init_common(self, workdir: str, config: ml_collections.ConfigDict, is_writer: Optional[bool]) -> None:
+    """What every run's logger holds: the schedule, the writer role, TensorBoard, the history."""
+    self.config = config
+    self.total_steps = config.train.steps
+    self.every = max(int(config.logging.log_every_steps), 1)
+    self.is_writer = jax.process_index() == 0 if is_writer is None else is_writer
     self.writer = None
     if self.is_writer and config.logging.tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -140,24 +144,33 @@ class MetricsLogger:
     if self._window_start is None:
       self._window_start = (step, now)  # the first step includes compilation: not timed
     self.history.append(values)
+    self._record(values)
     if step % self.every and step != self.total_steps:
       return values
     start_step, start_time = self._window_start
     if step > start_step:
-      steps_per_second = (step - start_step) / max(now - start_time, 1e-9)
-      values["steps_per_second"] = steps_per_second
-      values["tokens_per_second"] = steps_per_second * self.tokens_per_step
-      values["mfu"] = mfu(values["tokens_per_second"], self.flops_per_token, self.num_devices,
-                          self.peak)
+      self._add_throughput(values, (step - start_step) / max(now - start_time, 1e-9))
     self._window_start = (step, now)
     if self.is_writer:
-      logging.info(progress_line(step, self.total_steps, values))
+      logging.info(self._progress_line(step, values))
       if self.writer is not None:
         for name, value in values.items():
           if name != "step":
             self.writer.add_scalar(f"train/{name}", value, step)
         self.writer.flush()
     return values
+
+  def _record(self, values: dict[str, float]) -> None:
+    """Every step's values, as read (subclasses may also write them elsewhere)."""
+
+  def _add_throughput(self, values: dict[str, float], steps_per_second: float) -> None:
+    """Adds the logging window's rates to `values`: steps, tokens per second and MFU."""
+    values["steps_per_second"] = steps_per_second
+    values["tokens_per_second"] = steps_per_second * self.tokens_per_step
+    values["mfu"] = mfu(values["tokens_per_second"], self.flops_per_token, self.num_devices, self.peak)
+
+  def _progress_line(self, step: int, values: dict[str, float]) -> str:
+    return progress_line(step, self.total_steps, values)
 
   def close(self) -> None:
     self.flush()
