@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metis_jax import acoustic_codec as ac
-from metis_jax import semantic_codec as sc
+from metis_jax.models import acoustic_codec as ac
+from metis_jax.models import semantic_codec as sc
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batches", ["1", "16"], "Batch sizes.")

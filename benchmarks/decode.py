@@ -18,7 +18,9 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from metis_jax import config_lib, decoding, metis
+from metis_jax import config_lib
+from metis_jax.inference import decoding
+from metis_jax.models import metis
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["tiny", "metis_base"], "Config files (names in configs/).")

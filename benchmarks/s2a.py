@@ -17,7 +17,9 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from metis_jax import acoustic_codec, config_base, generation, s2a, s2a_decoding
+from metis_jax.models import acoustic_codec, s2a
+from metis_jax import config_base
+from metis_jax.inference import generation, s2a_decoding
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")

@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metis_jax import fbank, ssl_features, w2v_bert
+from metis_jax.frontend import fbank, ssl_features
+from metis_jax.models import w2v_bert
 
 try:
-  from metis_jax import semantic_codec
+  from metis_jax.models import semantic_codec
 except ImportError:  # built by another part of the project
   semantic_codec = None
 

@@ -27,13 +27,13 @@ import time
 import jax
 
 from metis_jax import config_lib
-from metis_jax import input_pipeline
-from metis_jax import mesh as mesh_lib
-from metis_jax import metis
-from metis_jax import metrics
-from metis_jax import train_compile
-from metis_jax import train_state
-from metis_jax import train_step
+from metis_jax.training import input_pipeline
+from metis_jax.parallel import mesh as mesh_lib
+from metis_jax.models import metis
+from metis_jax.training import metrics
+from metis_jax.training import aot_compile as train_compile
+from metis_jax.training import state as train_state
+from metis_jax.training import step as train_step
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

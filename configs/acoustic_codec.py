@@ -10,7 +10,7 @@ and decoder.safetensors (the released layout) there.
 Convert the released weights: metis_jax.conversion.acoustic_codec.load_amphion(encoder, decoder).
 """
 
-from metis_jax import codec_config
+from metis_jax.training import codec_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ or on real speech:
       --config.data.train_sources='("../shared/data/speech",)'
 """
 
-from metis_jax import codec_config
+from metis_jax.training import codec_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ Ends by writing <workdir>/semantic_codec.safetensors (the released layout).
 Convert the released weights: metis_jax.conversion.semantic_codec.load_amphion(path).
 """
 
-from metis_jax import codec_config
+from metis_jax.training import codec_config
 
 
 def get_config():

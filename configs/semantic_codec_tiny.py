@@ -9,7 +9,7 @@ reconstruction, restarts, checkpoints), not codec quality.
   python -m metis_jax.codec_train --config configs/semantic_codec_tiny.py --workdir /tmp/sem_tiny
 """
 
-from metis_jax import codec_config
+from metis_jax.training import codec_config
 
 
 def get_config():

@@ -3,7 +3,8 @@
 import jax
 import numpy as np
 
-from metis_jax import config_lib, metis
+from metis_jax import config_lib
+from metis_jax.models import metis
 
 
 def tiny_model_config(**overrides):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metis_jax import acoustic_codec as ac
+from metis_jax.models import acoustic_codec as ac
 from metis_jax.conversion import acoustic_codec as conv
 from metis_jax.conversion import common
 from metis_jax.nn import vocos
@@ -259,7 +259,8 @@ def test_gan_steps_lower_the_mel_loss(speech_dir):
   """A micro codec (hop 6) with one period and one spectrogram discriminator: 25 generator +
   discriminator steps on one batch of real speech (4x louder than recorded, so that the level,
   the first thing a fresh decoder must learn, is off by a lot) lower the mel loss."""
-  from metis_jax import codec_config, codec_train_state as cts, codec_train_step, mesh as mesh_lib
+  from metis_jax.training import codec_config, codec_state as cts, codec_step as codec_train_step
+  from metis_jax.parallel import mesh as mesh_lib
   from metis_jax.data import waveform_pipeline
   config = codec_config.acoustic_config()  # Adam (0.5, 0.9), LSGAN, mel 10, adv 2, feature matching 2
   config.model.update(dict(encoder_dim=8, up_ratios=(6,), latent_dim=16, num_quantizers=2, codebook_size=16,
@@ -293,7 +294,7 @@ def test_gan_steps_lower_the_mel_loss(speech_dir):
 
 
 def test_reconstruction_report(parity_dir, speech_dir):
-  from metis_jax import codec_report
+  from metis_jax.inference import codec_report
   d = os.path.join(parity_dir, "acoustic_codec")
   clip = sorted(f for f in os.listdir(speech_dir) if f.startswith("libritts") and f.endswith(".wav"))[0]
   rows = codec_report.main(["--encoder", os.path.join(d, "encoder.safetensors"), "--decoder",
@@ -314,7 +315,7 @@ def test_reconstruction_report(parity_dir, speech_dir):
 def test_report_cross_mel_tells_a_collapsed_codec_from_a_working_one(speech_dir):
   """mel_x (reconstruction vs the next file's audio): a perfect codec scores far from its mel; a
   codec whose output ignores its input scores the same in the mean."""
-  from metis_jax import codec_report
+  from metis_jax.inference import codec_report
   clips = sorted(f for f in os.listdir(speech_dir) if f.endswith(".wav"))[:3]
   audios = [codec_report.read_audio(os.path.join(speech_dir, c))[:24000] for c in clips]
 

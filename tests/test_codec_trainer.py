@@ -11,13 +11,13 @@ import pytest
 import soundfile
 from jax.sharding import PartitionSpec as P
 
-from metis_jax import checkpointing
-from metis_jax import codec_config
-from metis_jax import codec_train
-from metis_jax import codec_train_step
-from metis_jax import codec_train_state as cts
+from metis_jax.training import checkpointing
+from metis_jax.training import codec_config
+from metis_jax.training import codec_loop as codec_train
+from metis_jax.training import codec_step as codec_train_step
+from metis_jax.training import codec_state as cts
 from metis_jax import config_lib
-from metis_jax import mesh as mesh_lib
+from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.conversion import acoustic_codec as ac_convert
 from metis_jax.data import waveform_pipeline as wp
 
@@ -192,7 +192,7 @@ def test_semantic_codec_trains_on_features_computed_from_audio(tmp_path, speech_
 
 
 def test_semantic_codec_crop_gives_whole_feature_frames():
-  from metis_jax import fbank
+  from metis_jax.frontend import fbank
   for frames in (1, 25, 250):
     samples = cts.semantic_crop(frames)
     assert int(fbank.num_tokens(samples)) == frames and int(fbank.num_frames(samples)) == 2 * frames

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from metis_jax import config_lib
-from metis_jax import metis, s2a
+from metis_jax.models import metis, s2a
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(config_lib.CONFIG_DIR, "*.py"))))

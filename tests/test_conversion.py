@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from metis_jax import config_lib, metis
+from metis_jax import config_lib
+from metis_jax.models import metis
 from metis_jax.conversion import common, t2s
 
 

@@ -21,6 +21,7 @@ from metis_jax.data import records
 from metis_jax.data import shards
 from metis_jax.data import tokenize
 from metis_jax.data import tokenizer as tk
+from metis_jax.frontend import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = lambda s: None  # noqa: E731
@@ -280,7 +281,7 @@ def test_command_line_entry_points(tmp_path):
 
 def test_job_with_the_real_acoustic_codec_from_released_files(corpus, tokenizer, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  from metis_jax import acoustic_codec  # pylint: disable=g-import-not-at-top
+  from metis_jax.models import acoustic_codec  # pylint: disable=g-import-not-at-top
   from metis_jax.conversion import acoustic_codec as convert  # pylint: disable=g-import-not-at-top
   config = acoustic_codec.AcousticCodecConfig(encoder_dim=4, latent_dim=8, codebook_size=32,
                                               vocos_dim=16, vocos_intermediate_dim=32, vocos_num_layers=1)
@@ -290,7 +291,7 @@ def test_job_with_the_real_acoustic_codec_from_released_files(corpus, tokenizer,
   cfg = _cfg(files_per_shard=16, acoustic_codec_encoder=enc, acoustic_codec_decoder=dec)
   out = str(tmp_path / "ac")
   tokenize.run(cfg, corpus, out, tokenizer=tokenizer,
-               acoustic_tokenizer=tokenize.acoustic_tokenizer_from_config(cfg), log=QUIET)
+               acoustic_tokenizer=tokenizers.acoustic_tokenizer_from_config(cfg), log=QUIET)
   codec = acoustic_codec.AcousticCodecInference(config, params)
   rows = _records(out)
   assert rows
@@ -301,4 +302,4 @@ def test_job_with_the_real_acoustic_codec_from_released_files(corpus, tokenizer,
     assert r["acoustic_tokens"].shape == (len(wav24) // 480, 12)
     np.testing.assert_array_equal(r["acoustic_tokens"], expected)
   with pytest.raises(ValueError, match="decoder"):
-    tokenize.acoustic_tokenizer_from_config(_cfg(acoustic_codec_encoder=enc))
+    tokenizers.acoustic_tokenizer_from_config(_cfg(acoustic_codec_encoder=enc))

@@ -20,7 +20,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from metis_jax import acoustic_codec, config_lib, convert, decode, metis, s2a
+from metis_jax.models import acoustic_codec, metis, s2a
+from metis_jax import config_lib
+from metis_jax.conversion import cli as convert
+from metis_jax.inference import cli as decode
 from metis_jax.conversion import acoustic_codec as codec_conversion
 from metis_jax.conversion import s2a as s2a_conversion
 from metis_jax.data import tokenizer as tokenizer_lib

@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from metis_jax import (batch_layout, decode, decode_engine, decode_tasks, decoding, evaluation,
-                       length_buckets, metis, model_loading, target_length, text_split)
+from metis_jax.parallel import batch_layout
+from metis_jax.inference import cli as decode, engine as decode_engine, tasks as decode_tasks, decoding, evaluation, length_buckets, model_loading
+from metis_jax.models import metis
+from metis_jax.frontend import target_length, text_split
 from tests import conftest, helpers
 
 def random_params_like(abstract, seed):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metis_jax import decoding, masking
+from metis_jax.inference import decoding
+from metis_jax.models import masking
 from tests import helpers
 
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from metis_jax import fbank
+from metis_jax.frontend import fbank
 from tests.conftest import SPEECH, require_dir
 
 transformers = pytest.importorskip("transformers")

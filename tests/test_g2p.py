@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from metis_jax import g2p
+from metis_jax.frontend import g2p
 from tests import conftest
 
 pytest.importorskip("phonemizer")

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metis_jax import config_lib, generation, s2a, s2a_decoding
+from metis_jax import config_lib
+from metis_jax.inference import generation, s2a_decoding
+from metis_jax.models import s2a
 
-acoustic_codec = pytest.importorskip("metis_jax.acoustic_codec")
+acoustic_codec = pytest.importorskip("metis_jax.models.acoustic_codec")
 
 
 def _stage(num_quantizers, first, seed, steps):

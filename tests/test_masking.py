@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metis_jax import masking
+from metis_jax.models import masking
 
 
 def _valid(lengths, size):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metis_jax import masking, metis
+from metis_jax.models import masking, metis
 from metis_jax.conversion import common
 from tests import helpers
 

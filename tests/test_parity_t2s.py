@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metis_jax import decoding, masking, metis
+from metis_jax.inference import decoding
+from metis_jax.models import masking, metis
 from metis_jax.conversion import t2s
 
 

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metis_jax import config_lib, s2a, s2a_decoding
+from metis_jax import config_lib
+from metis_jax.models import s2a
+from metis_jax.inference import s2a_decoding
 from metis_jax.conversion import common
 from metis_jax.conversion import s2a as convert_s2a
 
@@ -157,7 +159,7 @@ def test_layer_schedule_weights_follow_the_reference():
 
 def test_tiny_s2a_objective_learns_a_fixed_batch():
   import optax
-  from metis_jax import masking
+  from metis_jax.models import masking
   cfg, model, _ = _tiny_s2a()
   params = s2a.init_params(model, jax.random.key(0))
   rng = np.random.default_rng(0)

@@ -9,16 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from metis_jax import checkpointing
+from metis_jax.training import checkpointing
 from metis_jax import config_lib
-from metis_jax import input_pipeline
-from metis_jax import mesh as mesh_lib
-from metis_jax import metrics
-from metis_jax import train
-from metis_jax import train_compile
-from metis_jax import train_eval
-from metis_jax import train_state
-from metis_jax import train_step
+from metis_jax.training import input_pipeline
+from metis_jax.parallel import mesh as mesh_lib
+from metis_jax.training import metrics
+from metis_jax.training import loop as train
+from metis_jax.training import aot_compile as train_compile
+from metis_jax.training import evaluate as train_eval
+from metis_jax.training import state as train_state
+from metis_jax.training import step as train_step
 from metis_jax.data import pipeline
 from metis_jax.data import records
 from metis_jax.data import shards

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metis_jax import semantic_codec as sc
+from metis_jax.models import semantic_codec as sc
 from metis_jax.conversion import common
 from metis_jax.conversion import semantic_codec as conv
 
@@ -148,7 +148,8 @@ def test_released_size():
 
 
 def test_training_lowers_the_loss_and_uses_many_codes():
-  from metis_jax import codec_config, codec_train, codec_train_state as cts, codec_train_step, mesh as mesh_lib
+  from metis_jax.training import codec_config, codec_loop as codec_train, codec_state as cts, codec_step as codec_train_step
+  from metis_jax.parallel import mesh as mesh_lib
   config = codec_config.semantic_config()
   config.model.update(dict(codebook_size=256, hidden_size=64, vocos_dim=32, vocos_intermediate_dim=64,
                            vocos_num_layers=2))

@@ -3,7 +3,10 @@
 import jax
 import numpy as np
 
-from metis_jax import batch_layout, config_lib, semantic_codec, ssl_tokenizer, w2v_bert
+from metis_jax.parallel import batch_layout
+from metis_jax import config_lib
+from metis_jax.models import semantic_codec, w2v_bert
+from metis_jax.frontend import ssl_tokenizer
 from metis_jax.data import tokenize as tokenize_job
 from metis_jax.data import tokenizer as tokenizer_lib
 

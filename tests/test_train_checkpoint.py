@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from metis_jax import checkpointing
-from metis_jax import input_pipeline
-from metis_jax import mesh as mesh_lib
-from metis_jax import train
-from metis_jax import train_state
+from metis_jax.training import checkpointing
+from metis_jax.training import input_pipeline
+from metis_jax.parallel import mesh as mesh_lib
+from metis_jax.training import loop as train
+from metis_jax.training import state as train_state
 from tests import train_testlib as lib
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from metis_jax import config_lib
-from metis_jax import train_compile
+from metis_jax.training import aot_compile as train_compile
 from tests import train_testlib as lib
 
 LIBTPU_REASON = ("libtpu is not installed: the TPU dry run needs the TPU compiler "

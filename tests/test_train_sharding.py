@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from metis_jax import config_lib
-from metis_jax import mesh as mesh_lib
-from metis_jax import train_state
+from metis_jax.parallel import mesh as mesh_lib
+from metis_jax.training import state as train_state
 from tests.train_testlib import REFERENCE_MESH, run_steps
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "metis_base_partition_specs.txt")

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from metis_jax import config_base
-from metis_jax import distributed
-from metis_jax import input_pipeline
-from metis_jax import mesh as mesh_lib
-from metis_jax import metis
-from metis_jax import metrics
-from metis_jax import optimizer
-from metis_jax import sharding
-from metis_jax import train_step
+from metis_jax.parallel import distributed
+from metis_jax.training import input_pipeline
+from metis_jax.parallel import mesh as mesh_lib
+from metis_jax.models import metis
+from metis_jax.training import metrics
+from metis_jax.training import optimizer
+from metis_jax.parallel import sharding
+from metis_jax.training import step as train_step
 from tests import train_testlib as lib
 
 

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metis_jax import fbank, sharding, ssl_features, w2v_bert
+from metis_jax.frontend import fbank, ssl_features
+from metis_jax.parallel import sharding
+from metis_jax.models import w2v_bert
 from metis_jax.conversion import common
 from metis_jax.conversion import w2v_bert as convert
 from tests.conftest import REPO_ROOT, SPEECH, require_dir
@@ -360,7 +362,7 @@ class _Custom:
 
 
 def test_library_does_not_import_torch():
-  code = ("import sys; import metis_jax.fbank, metis_jax.w2v_bert, metis_jax.ssl_features, "
+  code = ("import sys; import metis_jax.frontend.fbank, metis_jax.w2v_bert, metis_jax.ssl_features, "
           "metis_jax.conversion.w2v_bert; "
           "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -27,7 +27,7 @@ import math
 import jax
 import numpy as np
 
-from metis_jax import acoustic_codec
+from metis_jax.models import acoustic_codec
 from metis_jax.conversion import common
 from metis_jax.conversion import semantic_codec as sc_conv
 from metis_jax.nn import vocos

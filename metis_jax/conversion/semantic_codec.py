@@ -30,7 +30,7 @@ import json
 import jax
 import numpy as np
 
-from metis_jax import semantic_codec
+from metis_jax.models import semantic_codec
 from metis_jax.conversion import common
 
 # Entry kinds: how one of our parameters relates to the file.

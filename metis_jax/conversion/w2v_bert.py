@@ -32,7 +32,7 @@ import re
 
 import numpy as np
 
-from metis_jax import w2v_bert
+from metis_jax.models import w2v_bert
 from metis_jax.conversion import common
 
 _LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.")

@@ -61,9 +61,9 @@ def examples_from_audio(corpus: str, tokenizer_dir: str) -> Iterator[tuple[str, 
   from metis_jax import config_base  # pylint: disable=g-import-not-at-top
   from metis_jax.data import readers  # pylint: disable=g-import-not-at-top
   from metis_jax.data import tokenize  # pylint: disable=g-import-not-at-top
-  from metis_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from metis_jax.frontend import tokenizers  # pylint: disable=g-import-not-at-top
   cfg = config_base.data_config()
-  tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
+  tok = tokenizers.load_tokenizer(tokenizer_dir)
   runner = tokenize.DeviceRunner(tok, cfg)
   units = readers.plan_units(corpus, cfg.layout, cfg.files_per_shard)
   with concurrent.futures.ThreadPoolExecutor(max(1, cfg.decode_threads)) as pool:

@@ -322,19 +322,11 @@ def main(argv):
   f = flags.FLAGS
   cfg = f.config.data
   pi, pc = f.process_index, f.process_count
-  run(cfg, f.input, f.output, acoustic_tokenizer=acoustic_tokenizer_from_config(cfg),
+  # The command wires the model-backed tokenizers in; the job itself imports no model.
+  from metis_jax.frontend import tokenizers  # pylint: disable=g-import-not-at-top
+  run(cfg, f.input, f.output, tokenizer=tokenizers.load_tokenizer(cfg.tokenizer_dir),
+      acoustic_tokenizer=tokenizers.acoustic_tokenizer_from_config(cfg),
       process_index=pi if pi >= 0 else None, process_count=pc if pc > 0 else None)
-
-
-def acoustic_tokenizer_from_config(cfg):
-  """The acoustic codec named by `config.data.acoustic_codec_*`, or None."""
-  if not cfg.acoustic_codec_encoder:
-    return None
-  if not cfg.acoustic_codec_decoder:
-    raise ValueError("data.acoustic_codec_encoder is set but data.acoustic_codec_decoder is not "
-                     "(the codec's quantizer lives in the decoder file)")
-  from metis_jax import acoustic_codec  # pylint: disable=g-import-not-at-top
-  return acoustic_codec.AcousticTokenizer.from_files(cfg.acoustic_codec_encoder, cfg.acoustic_codec_decoder)
 
 
 if __name__ == "__main__":

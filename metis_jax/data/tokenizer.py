@@ -18,7 +18,6 @@ settings) + `centroids.npz` (float32 [k, 160]).
 """
 
 import functools
-import importlib
 import json
 import math
 import os
@@ -107,8 +106,6 @@ class AcousticTokenizer(Protocol):
 
 
 _REGISTRY: dict[str, type] = {}
-# Tokenizers defined outside this package, imported on first use.
-_PLUGINS = {"w2v_bert_codec": "metis_jax.ssl_tokenizer"}
 
 
 def register(type_name: str):
@@ -127,10 +124,10 @@ def load_tokenizer(directory: str) -> SSLTokenizer:
                             "fit one with `python -m metis_jax.data.fit_kmeans`")
   with open(path, encoding="utf-8") as f:
     kind = json.load(f).get("type")
-  if kind not in _REGISTRY and kind in _PLUGINS:
-    importlib.import_module(_PLUGINS[kind])  # registers itself
   if kind not in _REGISTRY:
-    raise ValueError(f"{path}: unknown tokenizer type {kind!r}; known: {sorted(_REGISTRY)}")
+    hint = (" (model-backed tokenizers register when `metis_jax.frontend.tokenizers` is imported;"
+            " load through `tokenizers.load_tokenizer`)")
+    raise ValueError(f"{path}: unknown tokenizer type {kind!r}; known: {sorted(_REGISTRY)}{hint}")
   return _REGISTRY[kind].load(directory)
 
 

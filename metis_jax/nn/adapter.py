@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from metis_jax import sharding
+from metis_jax.parallel import sharding
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metis_jax import sharding
+from metis_jax.parallel import sharding
 
 
 def _rbg_key(key: jax.Array) -> jax.Array:

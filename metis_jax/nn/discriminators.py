@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from metis_jax import sharding
-from metis_jax.codec_losses import stft_magnitude
+from metis_jax.parallel import sharding
+from metis_jax.nn.spectral import stft_magnitude
 from metis_jax.nn.conv import fast_normal
 
 LRELU = 0.1

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from metis_jax import sharding
+from metis_jax.parallel import sharding
 from metis_jax.nn import attention, embeddings, mlp, norms
 
 REMAT_POLICIES = {

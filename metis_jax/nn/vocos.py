@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metis_jax import sharding
+from metis_jax.parallel import sharding
 from metis_jax.nn import conv
 
 LN_EPS = 1e-6

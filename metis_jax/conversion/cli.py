@@ -1,0 +1,85 @@
+r"""Converts released Amphion weights to metis_jax parameters, and back.
+
+Amphion -> metis_jax (an Orbax checkpoint of the params plus the model config):
+  python -m metis_jax.convert --input t2s_model.safetensors --output /ckpt/maskgct_t2s
+
+metis_jax -> Amphion key layout:
+  python -m metis_jax.convert --reverse --input /ckpt/maskgct_t2s --output t2s.safetensors
+
+The model config (width, depth, vocabulary, phones) is read from the file's
+shapes; heads come from `--num_heads` (default: the file's metadata, else 16).
+A file that does not match is refused with its missing, unexpected and
+mis-shaped keys.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from metis_jax.conversion import common, t2s
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("input", None, "Amphion .safetensors file (or, with --reverse, a converted folder).")
+flags.DEFINE_string("output", None, "Output folder (or, with --reverse, a .safetensors file).")
+flags.DEFINE_bool("reverse", False, "Convert a metis_jax folder back to the Amphion layout.")
+flags.DEFINE_integer("num_heads", None, "Attention heads (not recoverable from shapes; default 16).")
+flags.DEFINE_bool("scan_layers", True, "Store the blocks stacked (nn.scan layout).")
+
+MODEL_CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+
+
+def save_converted(directory: str, model: ml_collections.ConfigDict, params) -> None:
+  """Writes `<dir>/model_config.json` and an Orbax checkpoint `<dir>/params`."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, MODEL_CONFIG_FILE), "w") as f:
+    json.dump(model.to_dict(), f, indent=1, sort_keys=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+  checkpointer.wait_until_finished()
+
+
+def load_converted(directory: str):
+  """Reads a folder written by `save_converted` -> (model config, params as numpy)."""
+  directory = os.path.abspath(directory)
+  config_path = os.path.join(directory, MODEL_CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{directory}: no {MODEL_CONFIG_FILE}; not a converted metis_jax model")
+  with open(config_path) as f:
+    model = ml_collections.ConfigDict(json.load(f))
+  params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR))
+  return model, jax.tree_util.tree_map(np.asarray, params)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.input or not FLAGS.output:
+    raise app.UsageError("--input and --output are required")
+  try:
+    if FLAGS.reverse:
+      model, params = load_converted(FLAGS.input)
+      t2s.save_amphion(FLAGS.output, params, model)
+      print(f"wrote {FLAGS.output} ({len(t2s.key_map(model))} tensors)")
+    else:
+      model, params = t2s.load_amphion(FLAGS.input, FLAGS.num_heads, FLAGS.scan_layers)
+      save_converted(FLAGS.output, model, params)
+      n = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+      print(f"wrote {FLAGS.output}: {model.num_layers} layers x {model.hidden_size} wide, "
+            f"{model.num_heads} heads, vocab {model.vocab_size}, phones {model.use_phone_cond}, "
+            f"{n / 1e6:.1f}M parameters")
+  except common.ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+
+def run_main() -> None:
+  """`python -m metis_jax.convert`."""
+  app.run(main)

@@ -1,0 +1,171 @@
+"""The stage-1 Metis model: p(x0 | xt, prompt[, phones][, frame features]) over SSL tokens.
+
+Inputs are token ids with a boolean "is masked" flag per position: masked
+positions get the learned mask embedding, the others their token embedding.
+Prompt positions are simply unmasked tokens; padding is excluded with `valid`.
+"""
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from metis_jax.parallel import sharding
+from metis_jax.nn import adapter as adapter_lib
+from metis_jax.nn import mlp, transformer
+
+EMBED_INIT = nn.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetisConfig:
+  """Static model description; built from `config.model` by `from_config`."""
+  backbone: transformer.BackboneConfig
+  vocab_size: int = 8192
+  use_phone_cond: bool = False
+  phone_vocab_size: int = 1024
+  phone_pad_id: int = 1023
+  cond_feature_dim: int = 0
+  adapter_gated: bool = True
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict) -> "MetisConfig":
+    backbone = transformer.BackboneConfig.from_config(model)
+    return cls(backbone=backbone, vocab_size=model.vocab_size, use_phone_cond=model.use_phone_cond,
+               phone_vocab_size=model.phone_vocab_size, phone_pad_id=model.phone_pad_id,
+               cond_feature_dim=model.cond_feature_dim, adapter_gated=model.adapter_gated)
+
+  @property
+  def hidden_size(self) -> int:
+    return self.backbone.hidden_size
+
+
+def compact_positions(valid: jax.Array) -> jax.Array:
+  """Numbers the valid positions of each row 0, 1, 2, ... skipping padding.
+
+  `[batch, length]` bool -> `[batch, length]` int32. With these RoPE phases a
+  sample's output does not depend on how much padding sits between its
+  segments (phones, prompt, target), so batched and single decoding agree.
+  """
+  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class MetisModel(nn.Module):
+  """Token/mask embeddings, optional phone prefix and adapter, backbone, logits head."""
+  config: MetisConfig
+
+  def setup(self):
+    cfg = self.config
+    h = cfg.hidden_size
+    wdtype, cdtype = cfg.backbone.weight_dtype, cfg.backbone.compute_dtype
+    self.token_embed = nn.Embed(cfg.vocab_size, h, dtype=cdtype, param_dtype=wdtype,
+                                embedding_init=sharding.partitioned(EMBED_INIT, ("vocab", "embed")))
+    self.mask_embedding = self.param(
+        "mask_embedding", sharding.partitioned(EMBED_INIT, ("embed",)), (h,), wdtype)
+    if cfg.use_phone_cond:
+      self.phone_embed = nn.Embed(cfg.phone_vocab_size, h, dtype=cdtype, param_dtype=wdtype,
+                                  embedding_init=sharding.partitioned(EMBED_INIT, ("vocab", "embed")))
+      self.phone_mlp = mlp.ConditionMLP(cfg.backbone.mlp_ratio * h, h, dtype=cdtype, param_dtype=wdtype)
+    if cfg.cond_feature_dim:
+      self.adapter = adapter_lib.ConditionAdapter(cfg.backbone.mlp_ratio * h, h, cfg.adapter_gated,
+                                                  dtype=cdtype, param_dtype=wdtype)
+    self.backbone = transformer.Backbone(cfg.backbone)
+    self.to_logits = nn.Dense(
+        cfg.vocab_size, dtype=cdtype, param_dtype=wdtype,
+        kernel_init=sharding.partitioned(EMBED_INIT, ("embed", "vocab")),
+        bias_init=sharding.partitioned(nn.initializers.zeros, ("vocab",)))
+
+  def embed_tokens(self, tokens: jax.Array, is_masked: jax.Array) -> jax.Array:
+    """`[batch, length]` ids and mask flags -> `[batch, length, embed]`."""
+    emb = self.token_embed(tokens)
+    return jnp.where(is_masked[..., None], self.mask_embedding.astype(emb.dtype), emb)
+
+  def hidden_states(self, tokens: jax.Array, is_masked: jax.Array, valid: jax.Array,
+                    t: jax.Array, phones: Optional[jax.Array] = None,
+                    phone_valid: Optional[jax.Array] = None,
+                    features: Optional[jax.Array] = None,
+                    positions: Optional[jax.Array] = None,
+                    segment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """Backbone output over the token positions.
+
+    Args:
+      tokens: `[batch, length]` SSL token ids (any value where masked or padded).
+      is_masked: `[batch, length]` bool, True where the mask embedding is used.
+      valid: `[batch, length]` bool, False at padding.
+      t: `[batch]` mask-ratio time step.
+      phones: optional `[batch, phone_length]` phone ids (models with phones).
+      phone_valid: `[batch, phone_length]` bool, False at phone padding.
+      features: optional `[batch, length, cond_feature_dim]` frame-level
+        condition aligned with `tokens` (models with an adapter).
+      positions: optional `[batch, phone_length + length]` RoPE positions;
+        default `compact_positions` of the whole valid mask. (The reference's
+        forward numbers padded phone slots too: pass `arange` to match it.)
+      segment_ids: optional `[batch, phone_length + length]` ids of packed
+        sequences (attention stays inside a segment).
+
+    Returns:
+      `[batch, length, embed]` hidden states after the final norm, phone
+      prefix removed.
+    """
+    cfg = self.config
+    x = self.embed_tokens(tokens, is_masked)
+    if cfg.cond_feature_dim:
+      if features is None:
+        raise ValueError("this model has a condition adapter: pass `features`")
+      x = x + self.adapter(features.astype(x.dtype)).astype(x.dtype)
+    elif features is not None:
+      raise ValueError("`features` given, but the model has no adapter (cond_feature_dim = 0)")
+    prefix = 0
+    if cfg.use_phone_cond:
+      if phones is None:
+        raise ValueError("this model is phone-conditioned: pass `phones` and `phone_valid`")
+      if phone_valid is None:
+        phone_valid = phones != cfg.phone_pad_id
+      prefix = phones.shape[1]
+      x = jnp.concatenate([self.phone_mlp(self.phone_embed(phones)).astype(x.dtype), x], axis=1)
+      valid = jnp.concatenate([phone_valid.astype(bool), valid.astype(bool)], axis=1)
+    elif phones is not None:
+      raise ValueError("`phones` given, but the model has no phone condition")
+    valid = valid.astype(bool)
+    if positions is None:
+      positions = compact_positions(valid)
+    h = self.backbone(x, t, positions, valid, segment_ids)
+    return h[:, prefix:]
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """`[batch, length, embed]` -> float32 `[batch, length, vocab]`."""
+    out = self.to_logits(hidden).astype(jnp.float32)
+    return sharding.constrain(out, sharding.BATCH_LENGTH_VOCAB)
+
+  def __call__(self, tokens, is_masked, valid, t, phones=None, phone_valid=None,
+               features=None, positions=None, segment_ids=None):
+    """Returns (hidden `[batch, length, embed]`, logits `[batch, length, vocab]`)."""
+    hidden = self.hidden_states(tokens, is_masked, valid, t, phones, phone_valid, features,
+                                positions, segment_ids)
+    return hidden, self.logits(hidden)
+
+  def init_inputs(self, batch: int = 1, length: int = 8):
+    """Dummy arguments for `init` (shapes only matter for parameter shapes)."""
+    cfg = self.config
+    args = dict(tokens=jnp.zeros((batch, length), jnp.int32),
+                is_masked=jnp.zeros((batch, length), bool),
+                valid=jnp.ones((batch, length), bool), t=jnp.ones((batch,), jnp.float32))
+    if cfg.use_phone_cond:
+      args["phones"] = jnp.zeros((batch, 4), jnp.int32)
+      args["phone_valid"] = jnp.ones((batch, 4), bool)
+    if cfg.cond_feature_dim:
+      args["features"] = jnp.zeros((batch, length, cfg.cond_feature_dim), jnp.float32)
+    return args
+
+
+def init_params(model: MetisModel, rng: jax.Array):
+  """Unboxed parameter pytree (logical-axis metadata stripped)."""
+  variables = model.init(rng, **model.init_inputs())
+  return nn.unbox(variables["params"])
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

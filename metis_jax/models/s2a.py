@@ -1,0 +1,229 @@
+"""S2A: the masked generative acoustic model, SSL tokens -> codec tokens, layer by layer.
+
+One model predicts one codec layer l at a time. Its input at each frame is
+the sum of the embeddings of the lower layers (known), layer l's embedding or
+the mask embedding, and for the higher layers their embedding on prompt
+frames and the mask embedding elsewhere. The condition
+cond_mlp(cond_emb(ssl token) + layer_emb(l)) is added frame-wise, and the
+shared backbone (as in stage 1, no phone prefix) feeds the head of layer l.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from metis_jax.models import masking
+from metis_jax.parallel import sharding
+from metis_jax.nn import mlp, transformer
+
+EMBED_INIT = nn.initializers.normal(stddev=0.02)
+LAYER_SCHEDULES = ("linear", "cosine", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class S2AConfig:
+  """Static S2A description; built from `config.model` (kind 's2a') by `from_config`."""
+  backbone: transformer.BackboneConfig
+  codebook_size: int = 1024
+  num_quantizers: int = 12
+  cond_vocab_size: int = 8192
+  predicts_first_layer: bool = False
+  layer_schedule: str = "linear"
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict) -> "S2AConfig":
+    backbone = transformer.BackboneConfig.from_config(model)
+    return cls(backbone=backbone, codebook_size=model.vocab_size,
+               num_quantizers=model.num_quantizers, cond_vocab_size=model.cond_vocab_size,
+               predicts_first_layer=model.predicts_first_layer,
+               layer_schedule=model.layer_schedule)
+
+  def __post_init__(self):
+    if self.layer_schedule not in LAYER_SCHEDULES:
+      raise ValueError(f"layer_schedule {self.layer_schedule!r} is not one of {LAYER_SCHEDULES}")
+    if not self.predicts_first_layer and self.num_quantizers < 2:
+      raise ValueError("an S2A model that does not predict layer 0 needs num_quantizers >= 2")
+
+  @property
+  def hidden_size(self) -> int:
+    return self.backbone.hidden_size
+
+  @property
+  def first_predicted_layer(self) -> int:
+    return 0 if self.predicts_first_layer else 1
+
+
+class S2AModel(nn.Module):
+  """Per-layer token embeddings and heads (stacked), layer/mask/condition embeddings, backbone."""
+  config: S2AConfig
+
+  def setup(self):
+    cfg = self.config
+    h, q, c = cfg.hidden_size, cfg.num_quantizers, cfg.codebook_size
+    wdtype, cdtype = cfg.backbone.weight_dtype, cfg.backbone.compute_dtype
+    self.token_embedding = self.param(
+        "token_embedding", sharding.partitioned(EMBED_INIT, ("quantizer", "vocab", "embed")),
+        (q, c, h), wdtype)
+    self.layer_embedding = self.param(
+        "layer_embedding", sharding.partitioned(EMBED_INIT, ("quantizer", "embed")), (q, h), wdtype)
+    self.mask_embedding = self.param(
+        "mask_embedding", sharding.partitioned(EMBED_INIT, ("embed",)), (h,), wdtype)
+    self.cond_embed = nn.Embed(cfg.cond_vocab_size, h, dtype=cdtype, param_dtype=wdtype,
+                               embedding_init=sharding.partitioned(EMBED_INIT, ("vocab", "embed")))
+    self.cond_mlp = mlp.ConditionMLP(cfg.backbone.mlp_ratio * h, h, dtype=cdtype, param_dtype=wdtype)
+    self.backbone = transformer.Backbone(cfg.backbone)
+    self.logits_kernel = self.param(
+        "logits_kernel", sharding.partitioned(EMBED_INIT, ("quantizer", "embed", "vocab")),
+        (q, h, c), wdtype)
+    self.logits_bias = self.param(
+        "logits_bias", sharding.partitioned(nn.initializers.zeros, ("quantizer", "vocab")), (q, c), wdtype)
+
+  def _dtype(self):
+    return self.config.backbone.compute_dtype
+
+  def embed_layer(self, tokens: jax.Array, layer) -> jax.Array:
+    """`[batch, time]` codes of codec layer `layer` (int or traced scalar) -> `[batch, time, embed]`."""
+    table = jnp.take(self.token_embedding, layer, axis=0) if not isinstance(layer, int) \
+        else self.token_embedding[layer]
+    return jnp.take(table.astype(self._dtype()), tokens, axis=0)
+
+  def mask_vector(self) -> jax.Array:
+    return self.mask_embedding.astype(self._dtype())
+
+  def training_inputs(self, tokens: jax.Array, layer, is_masked: jax.Array,
+                      is_prompt: jax.Array) -> jax.Array:
+    """Input embeddings for predicting `layer`.
+
+    Args:
+      tokens: `[batch, time, num_quantizers]` codec tokens.
+      layer: the target layer (int or traced int32 scalar).
+      is_masked: `[batch, time]` bool, target-layer positions replaced by the mask.
+      is_prompt: `[batch, time]` bool, frames whose higher layers are visible.
+
+    Returns:
+      `[batch, time, embed]`.
+    """
+    mask = self.mask_vector()
+    x = jnp.zeros(tokens.shape[:2] + (self.config.hidden_size,), self._dtype())
+    for q in range(self.config.num_quantizers):
+      emb = self.embed_layer(tokens[..., q], q)
+      lower = emb
+      target = jnp.where(is_masked[..., None], mask, emb)
+      higher = jnp.where(is_prompt[..., None], emb, mask)
+      x = x + jnp.where(q < layer, lower, jnp.where(q == layer, target, higher))
+    return x
+
+  def hidden_states(self, x: jax.Array, cond_tokens: jax.Array, layer, valid: jax.Array,
+                    t: jax.Array, positions=None) -> jax.Array:
+    """Backbone over input embeddings with the SSL condition of `layer`.
+
+    Args:
+      x: `[batch, time, embed]` input embeddings.
+      cond_tokens: `[batch, time]` SSL tokens aligned with the frames.
+      layer: target layer (int or traced scalar).
+      valid: `[batch, time]` bool, False at padding.
+      t: `[batch]` mask-ratio time step.
+      positions: optional `[batch, time]` RoPE positions (default: valid
+        frames numbered consecutively).
+
+    Returns:
+      `[batch, time, embed]`.
+    """
+    layer_vec = jnp.take(self.layer_embedding, layer, axis=0).astype(self._dtype())
+    cond = self.cond_embed(cond_tokens) + layer_vec
+    x = x.astype(self._dtype()) + self.cond_mlp(cond).astype(self._dtype())
+    valid = valid.astype(bool)
+    if positions is None:
+      positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+    return self.backbone(x, t, positions, valid)
+
+  def logits(self, hidden: jax.Array, layer) -> jax.Array:
+    """`[batch, time, embed]` -> float32 `[batch, time, codebook]` from the head of `layer`."""
+    kernel = jnp.take(self.logits_kernel, layer, axis=0).astype(self._dtype())
+    bias = jnp.take(self.logits_bias, layer, axis=0)
+    out = jnp.einsum("bth,hc->btc", hidden.astype(self._dtype()), kernel).astype(jnp.float32)
+    return sharding.constrain(out + bias.astype(jnp.float32), sharding.BATCH_LENGTH_VOCAB)
+
+  def __call__(self, tokens, cond_tokens, layer, is_masked, is_prompt, valid, t, positions=None):
+    """Training forward -> (hidden `[batch, time, embed]`, logits of `layer`)."""
+    x = self.training_inputs(tokens, layer, is_masked, is_prompt)
+    hidden = self.hidden_states(x, cond_tokens, layer, valid, t, positions)
+    return hidden, self.logits(hidden, layer)
+
+  def init_inputs(self, batch: int = 1, length: int = 8):
+    q = self.config.num_quantizers
+    return dict(tokens=jnp.zeros((batch, length, q), jnp.int32),
+                cond_tokens=jnp.zeros((batch, length), jnp.int32), layer=jnp.int32(0),
+                is_masked=jnp.zeros((batch, length), bool), is_prompt=jnp.zeros((batch, length), bool),
+                valid=jnp.ones((batch, length), bool), t=jnp.ones((batch,), jnp.float32))
+
+
+def init_params(model: S2AModel, rng: jax.Array):
+  """Unboxed parameter pytree."""
+  return nn.unbox(model.init(rng, **model.init_inputs())["params"])
+
+
+def layer_weights(cfg: S2AConfig):
+  """Probability of drawing each codec layer as the training target (`[num_quantizers]`)."""
+  q = cfg.num_quantizers
+  first = cfg.first_predicted_layer
+  idx = np.arange(q)
+  if cfg.layer_schedule == "uniform":
+    w = np.ones(q)
+  elif cfg.layer_schedule == "linear":
+    w = (q - (idx - first)).astype(np.float64)
+  else:  # cosine
+    w = np.cos((idx - first) / q * np.pi / 2)
+  w[:first] = 0
+  return (w / w.sum()).astype(np.float32)
+
+
+def sample_target_layer(rng: jax.Array, cfg: S2AConfig) -> jax.Array:
+  """One target layer for the whole batch (int32 scalar), drawn by `layer_schedule`."""
+  return jax.random.choice(rng, cfg.num_quantizers, p=jnp.asarray(layer_weights(cfg))).astype(jnp.int32)
+
+
+def sample_training_corruption(rng: jax.Array, valid: jax.Array, cfg: S2AConfig,
+                               masking_cfg: masking.MaskingConfig) -> tuple[jax.Array, masking.TrainingMask]:
+  """Draws the target layer (one per batch) and the masking of that layer.
+
+  The prompt prefix, the time steps and the masked positions follow
+  `masking.sample_training_mask` with the S2A settings (no minimum mask
+  ratio, prompt up to half the utterance: set them in `masking_cfg`).
+
+  Args:
+    rng: PRNG key.
+    valid: `[batch, time]` bool.
+    cfg: the S2A config.
+    masking_cfg: a `masking.MaskingConfig`.
+
+  Returns:
+    (layer int32 scalar, TrainingMask).
+  """
+  rng_layer, rng_mask = jax.random.split(rng)
+  return sample_target_layer(rng_layer, cfg), masking.sample_training_mask(rng_mask, valid, masking_cfg)
+
+
+def training_loss(params, model: S2AModel, tokens: jax.Array, cond_tokens: jax.Array,
+                  valid: jax.Array, layer: jax.Array,
+                  corruption: masking.TrainingMask) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked cross-entropy of the target layer.
+
+  Args:
+    tokens: `[batch, time, num_quantizers]` codec tokens.
+    cond_tokens: `[batch, time]` SSL tokens.
+    valid: `[batch, time]` bool.
+    layer: target layer (traced int32 scalar).
+    corruption: the `masking.TrainingMask` of that layer.
+
+  Returns:
+    (mean CE, accuracy, number of scored tokens), as `masking.masked_cross_entropy`.
+  """
+  _, logits = model.apply({"params": params}, tokens, cond_tokens, layer, corruption.is_masked,
+                          corruption.is_prompt, valid, corruption.t)
+  targets = jnp.take_along_axis(tokens, jnp.broadcast_to(layer, tokens.shape[:2])[..., None], -1)[..., 0]
+  return masking.masked_cross_entropy(logits, targets, corruption.is_masked & valid)
