@@ -13,6 +13,9 @@ A record is a msgpack map (format version 1) with short keys:
   'spk' str                       speaker id ('' if unknown)
   'lng' str                       language tag ('' if unknown)
   'dur' float                     duration of the audio in seconds
+  'src' str (optional)            the source audio file, relative to the corpus
+                                  root (`tokenize --record_sources`); the
+                                  task pipelines (`tasks`) read audio from it
 
 Tokens are stored as int16 (vocabularies up to 32767), so a 10 s utterance
 costs about 1 kB of SSL tokens plus its text: records stay small, which keeps
@@ -37,7 +40,7 @@ def _pack_tokens(tokens: np.ndarray, what: str, rid: str) -> bytes:
 
 def encode(rid: str, ssl_tokens: np.ndarray, *, text: str = "", speaker: str = "", language: str = "",
            duration: float = 0.0, acoustic_tokens: Optional[np.ndarray] = None,
-           phones: Optional[np.ndarray] = None) -> bytes:
+           phones: Optional[np.ndarray] = None, source: Optional[str] = None) -> bytes:
   """Serializes one utterance.
 
   Args:
@@ -49,6 +52,7 @@ def encode(rid: str, ssl_tokens: np.ndarray, *, text: str = "", speaker: str = "
     duration: seconds of audio.
     acoustic_tokens: optional int [Ta, q] acoustic codec tokens.
     phones: optional int [P] phone ids.
+    source: optional path of the source audio file relative to the corpus root.
 
   Returns:
     The record bytes.
@@ -66,6 +70,8 @@ def encode(rid: str, ssl_tokens: np.ndarray, *, text: str = "", speaker: str = "
     rec["q"] = int(acoustic_tokens.shape[1])
   if phones is not None:
     rec["p"] = _pack_tokens(np.asarray(phones).reshape(-1), "phones", rid)
+  if source is not None:
+    rec["src"] = str(source)
   return msgpack.packb(rec, use_bin_type=True)
 
 
@@ -75,7 +81,7 @@ def decode(data: bytes) -> dict[str, Any]:
   Returns:
     {'id': str, 'ssl_tokens': int16 [T], 'text': str, 'speaker': str,
      'language': str, 'duration': float} plus 'acoustic_tokens' int16 [Ta, q]
-    and 'phones' int16 [P] when present.
+    and 'phones' int16 [P] and 'source' str when present.
   """
   rec = msgpack.unpackb(data, raw=False)
   version = rec.get("v")
@@ -87,6 +93,8 @@ def decode(data: bytes) -> dict[str, Any]:
     out["acoustic_tokens"] = np.frombuffer(rec["a"], "<i2").reshape(-1, rec["q"])
   if "p" in rec:
     out["phones"] = np.frombuffer(rec["p"], "<i2")
+  if "src" in rec:
+    out["source"] = rec["src"]
   return out
 
 
