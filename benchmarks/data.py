@@ -4,7 +4,8 @@ Run:  python benchmarks/data.py [--seconds 8] [--records 3000]
 
 Prints one table:
   * the Grain training pipeline (ArrayRecord -> shuffle -> decode -> crop ->
-    bucketed batches -> global jax.Array) with 0 and 2 worker processes:
+    scheduled length buckets -> global jax.Array, data.batches) with 0 and 2
+    worker processes:
     records/s and audio-hours/s per host, padding efficiency, time to the
     first batch; the target is ~200 records/s per host (the margin is printed);
   * the tokenization job with the k-means tokenizer (k = 1024) on the
@@ -33,6 +34,7 @@ def bench_pipeline(shard_dir: str, workers: int, seconds: float, batch: int, seq
   import numpy as np  # pylint: disable=g-import-not-at-top
   from metis_jax import config_base  # pylint: disable=g-import-not-at-top
   from metis_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from metis_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   config = config_base.get_config()
   config.train.global_batch_size = batch
   config.train.seq_length = seq
@@ -41,7 +43,7 @@ def bench_pipeline(shard_dir: str, workers: int, seconds: float, batch: int, seq
   config.data.min_length = 50
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   t0 = time.perf_counter()
-  it = pipeline.make_train_iterator(config, pipeline.batch_sharding(mesh))
+  it = pipeline.make_train_iterator(config, mesh_lib.batch_sharding(mesh))
   first = next(it)
   jax.block_until_ready(first)
   startup = time.perf_counter() - t0

@@ -17,6 +17,7 @@ from metis_jax.data import records
 from metis_jax.data import shards
 from metis_jax.data import synthetic
 from metis_jax.data import tokenize
+from metis_jax.parallel import mesh as mesh_lib
 
 
 def _config(sources, *, batch=4, seq=128, **data):
@@ -212,7 +213,7 @@ def test_global_batches_on_a_mesh(corpus_a):
   out, _ = corpus_a
   devices = jax.devices()
   mesh = jax.sharding.Mesh(np.array(devices).reshape(len(devices), 1), ("data", "fsdp"))
-  sharding = pipeline.batch_sharding(mesh)
+  sharding = mesh_lib.batch_sharding(mesh)
   config = _config([out], batch=2 * len(devices), seq=256)
   it = pipeline.make_train_iterator(config, sharding)
   local = pipeline.make_train_iterator(config, process_index=0, process_count=1)
@@ -255,16 +256,24 @@ def test_config_errors(corpus_a):
     pipeline.make_train_iterator(_config([os.path.join(out, "missing")]), process_index=0, process_count=1)
 
 
-def test_hosts_agree_on_the_padded_length(monkeypatch):
-  """With several processes, each host pads to the longest bucket among them."""
-  batch = pipeline.pad_batch([np.arange(1, 40), np.arange(1, 100)], 2, 128)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(pipeline, "_agree_on_length", lambda n: max(n, 256))  # Another host holds a 256 batch.
-  g = pipeline.make_global_batch(batch, sharding)
-  assert g["tokens"].shape == (2, 256) and g["valid"].shape == (2, 256)
-  np.testing.assert_array_equal(np.asarray(g["valid"]).sum(axis=1), [39, 99])
-  np.testing.assert_array_equal(np.asarray(g["tokens"])[:, :128], batch["tokens"])
-  assert not np.asarray(g["tokens"])[:, 128:].any()
-  fixed = pipeline.make_global_batch(batch, sharding, agree_length=False)
-  assert fixed["tokens"].shape == (2, 128)
+def test_hosts_pad_to_the_same_scheduled_length_without_a_collective(corpus_a, monkeypatch):
+  """Two hosts of one run: equal padded lengths at every step, each host reading only its slice."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  def no_collective(*args, **kwargs):
+    raise AssertionError("the input pipeline must not call a collective")
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", no_collective)
+  out, _ = corpus_a
+  config = _config([out], batch=8, seq=256, bucket_window=4)
+  hosts = [pipeline.make_local_iterator(config, p, 2) for p in range(2)]
+  steps = [[next(it) for it in hosts] for _ in range(12)]  # 3 windows
+  for it in hosts:
+    it.close()
+  lengths = [[b["tokens"].shape[1] for b in step] for step in steps]
+  assert all(a == b for a, b in lengths)
+  assert len({a for a, _ in lengths}) >= 2  # the schedule does use several buckets
+  assert {a for a, _ in lengths} <= set(pipeline.bucket_lengths(config)) <= {64, 128, 192, 256}
+  for step in steps:
+    for b in step:
+      _check_batch(b, 4, pipeline.bucket_lengths(config))

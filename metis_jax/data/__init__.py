@@ -13,7 +13,15 @@ processes only load what they use):
   shards        ArrayRecord shards (group_size:1), written then renamed.
   manifest      per-shard statistics and the corpus manifest.json.
   tokenize      `python -m metis_jax.data.tokenize`: the tokenization job.
-  pipeline      the Grain training pipeline and global jax.Array batches.
+  batches       the one batch path: Grain source chain, host iterator, global jax.Array batches.
+  bucketing     length buckets from a schedule every host computes alike (no collective).
+  pipeline      token batches: decode, crop, stream alignment, buckets.
+  waveform_pipeline  audio crops for codec training (corrupt files skipped and counted).
+  tasks         fine-tuning task data (SE/TSE/VC/TTS/L2S/Omni) made on the fly.
+  noise         noise / room-response sources, SNR mixing, synthetic demo noise.
+  perturb       VC timbre perturbation (pitch + formant shift).
+  condition_features  cheap 50 Hz condition features; L2S x2 interpolation.
+  make_demo_noise  `python -m metis_jax.data.make_demo_noise`.
   demo_corpus   `python -m metis_jax.data.demo_corpus`: a small espeak-ng corpus.
   demo          the default jobs' data: that corpus tokenized (with acoustic
                 tokens and a held-out split for S2A).

@@ -1,17 +1,17 @@
 """The Grain training input pipeline: tokenized shards -> global jax.Array batches.
 
-Per host (JAX process), with the Grain Dataset API:
+Per host (JAX process), with the Grain Dataset API and the shared chain of
+`data.batches`:
 
   ArrayRecordDataSource (or tfds.data_source) per corpus
-    -> shuffle(seed)                 global shuffle, re-seeded every epoch
-    -> repeat(num_epochs)            0 = forever
-    -> mix(weights)                  several corpora in fixed proportions
-    -> [process_index::process_count]   disjoint slice per JAX process
-    -> decode                        record bytes -> int32 tokens [T] (+ acoustic [T, Q])
+    -> batches.source_chain           shuffle(seed) per corpus, decode
+                                      (record bytes -> int32 tokens [T]
+                                      (+ acoustic [T, Q])), repeat, mix
+                                      (weights), [process_index::process_count]
     -> random crop to max_length, drop if shorter than min_length
-    -> to_iter_dataset -> mp_prefetch(num_workers)   (0 = no worker processes)
-    -> length-bucketed batching (or packing)    host batches of few shapes
-    -> global jax.Array batches for the caller's mesh sharding
+    -> batches.host_iter_dataset      to_iter_dataset -> mp_prefetch(num_workers)
+    -> length-bucketed batching (data.bucketing; or packing)   host batches
+    -> batches.GlobalBatchIterator    global jax.Arrays on the caller's sharding
 
 Batch format (what the trainer reads), host-local numpy or global jax.Array:
   tokens       int32 [batch, time]  token ids, 0 at padding.
@@ -25,36 +25,44 @@ Batch format (what the trainer reads), host-local numpy or global jax.Array:
                                     aligned with `tokens` (see `align_streams`),
                                     0 at padding.
 
-Bucketing: elements are read in windows of `bucket_window` batches, sorted by
-length, cut into batches, and each batch is padded to the smallest of
-`bucket_lengths` that fits; the batches of a window are emitted in a seeded
-random order. With several JAX processes, hosts agree on the padded length of
-each step (a one-integer all-gather) so the global array has one shape.
-Packing (`config.data.packing`) gives a fixed [batch, max_length] instead.
+Bucketing (`data.bucketing`): elements are read in windows of `bucket_window`
+batches, sorted by length and cut into batches; each batch's padded length
+comes from a schedule every host computes alike from the config (a sample of
+the data's lengths, the seed and the step), so hosts never exchange lengths
+(no per-step collective); a row longer than its batch's scheduled length is
+cropped to it. `bucket_lengths(config)` lists every length a config can
+produce. Packing (`config.data.packing`) gives a fixed [batch, max_length]
+instead.
 
 Entry points: `make_local_iterator(config)` (host numpy batches, for a caller
-that assembles global arrays itself, like metis_jax.input_pipeline) and
+that assembles global arrays itself, like `training.input_pipeline`) and
 `make_train_iterator(config, sharding)` (global jax.Arrays). With bucketing,
-T takes one of the `bucket_lengths` values (set `config.data.bucket_lengths =
+T takes one of `bucket_lengths(config)` (set `config.data.bucket_lengths =
 (seq_length,)` for a single shape); with packing T = seq_length.
 
-Checkpointing: the iterator is a `grain.DatasetIterator`; its state (a few
-hundred bytes of JSON per host) is saved with Orbax through
+Checkpointing: the host iterator is a `grain.DatasetIterator` (with a
+sharding, a `batches.GlobalBatchIterator` around it whose state is the same
+JSON, as bytes); its state (a few hundred bytes of JSON per host) is saved with Orbax through
 `grain.checkpoint.CheckpointHandler` (see `checkpoint_args`,
 `save_iterator`, `restore_iterator`). A restored iterator yields exactly the
 batches the uninterrupted one would have (same sources, seeds and worker
 count).
 """
 
-import math
+import json
 import os
 from typing import Any, Optional, Sequence
 
 import grain
 import numpy as np
 
+from metis_jax.data import batches
+from metis_jax.data import bucketing
 from metis_jax.data import records
 from metis_jax.data import shards
+# Kept under their former names for other modules (`pipeline.pad_batch`, ...).
+from metis_jax.data.bucketing import check_buckets, default_buckets, pad_batch  # noqa: F401
+
 
 # Threads reading records inside each worker (or the main process).
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
@@ -155,14 +163,7 @@ class RandomCrop(grain.transforms.RandomMap):
     self.max_length = max_length
 
   def random_map(self, element, rng: np.random.Generator):
-    tokens = element["tokens"]
-    if len(tokens) > self.max_length:
-      start = int(rng.integers(0, len(tokens) - self.max_length + 1))
-      cut = slice(start, start + self.max_length)
-      element = dict(element, tokens=tokens[cut])
-      if "acoustic_tokens" in element:
-        element["acoustic_tokens"] = element["acoustic_tokens"][cut]
-    return element
+    return bucketing.crop_element(element, self.max_length, rng)
 
 
 class MinLength(grain.transforms.Filter):
@@ -211,173 +212,21 @@ def element_dataset(sources: Sequence[str], weights: Sequence[float] = (), *, ma
   """
   if not sources:
     raise ValueError("no training sources: set config.data.train_sources")
-  if weights and len(weights) != len(sources):
-    raise ValueError(f"{len(weights)} mixture weights for {len(sources)} sources")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  parts = []
-  for i, spec in enumerate(sources):
+  srcs = []
+  for spec in sources:
     src = open_source(spec, tfds_data_dir)
     if len(src) == 0:
       raise ValueError(f"source {spec!r} has no records")
     if acoustic_layers:
       check_acoustic(src, spec, acoustic_layers)
-    ds = grain.MapDataset.source(src).shuffle(seed=seed + 7919 * i)
-    # Decoding per source (lazy, element-wise: the order is unchanged) lets
-    # an error name the corpus the record came from.
-    ds = ds.map(_Decode(keep_ids, acoustic_layers, spec))
-    parts.append(ds.repeat(num_epochs if num_epochs > 0 else None))
-  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights) or None)
-  ds = ds[process_index::process_count]
+    srcs.append(src)
+  # Decoding per source (lazy, element-wise: the order is unchanged) lets an
+  # error name the corpus the record came from.
+  decode = lambda i, ds: ds.map(_Decode(keep_ids, acoustic_layers, sources[i]))
+  ds = batches.source_chain(srcs, weights, seed=seed, num_epochs=num_epochs, process_index=process_index,
+                            process_count=process_count, per_source=decode)
   ds = ds.random_map(RandomCrop(max_length), seed=seed + 1)
   return ds.filter(MinLength(min_length))
-
-
-# ---------------------------------------------------------------------------
-# Length-bucketed batching.
-
-
-def default_buckets(max_length: int, num: int = 4) -> tuple[int, ...]:
-  """`num` equal steps up to max_length: 1024 -> (256, 512, 768, 1024)."""
-  return tuple(sorted({max(1, math.ceil(max_length * (i + 1) / num)) for i in range(num)}))
-
-
-def check_buckets(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
-  buckets = tuple(int(b) for b in buckets)
-  if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:
-    raise ValueError(f"bucket_lengths {buckets} must be increasing positive integers")
-  if buckets[-1] != max_length:
-    raise ValueError(f"the last bucket length {buckets[-1]} must equal the crop length {max_length}")
-  return buckets
-
-
-def pad_batch(seqs: Sequence[np.ndarray], batch_size: int, length: int,
-              acoustic: Optional[Sequence[np.ndarray]] = None) -> dict[str, np.ndarray]:
-  """Pads sequences into {'tokens' int32 [batch_size, length], 'valid' bool [...]}.
-
-  Rows beyond len(seqs) are all padding (valid False). `acoustic` (one
-  `[T_i, Q]` array per sequence, T_i = len(seqs[i])) adds 'acoustic_tokens'
-  int32 [batch_size, length, Q].
-  """
-  tokens = np.zeros((batch_size, length), np.int32)
-  valid = np.zeros((batch_size, length), bool)
-  for r, s in enumerate(seqs):
-    tokens[r, :len(s)] = s
-    valid[r, :len(s)] = True
-  out = {"tokens": tokens, "valid": valid}
-  if acoustic is not None:
-    codes = np.zeros((batch_size, length, acoustic[0].shape[1]), np.int32)
-    for r, a in enumerate(acoustic):
-      codes[r, :len(a)] = a
-    out["acoustic_tokens"] = codes
-  return out
-
-
-class BucketBatchIterDataset(grain.IterDataset):
-  """Sorts windows of elements by length and pads batches to bucket lengths."""
-
-  def __init__(self, parent: grain.IterDataset, batch_size: int, buckets: Sequence[int],
-               window: int = 32, seed: int = 0, keep_ids: bool = False):
-    super().__init__(parent)
-    self.batch_size = batch_size
-    self.buckets = tuple(buckets)
-    self.window = max(1, window)
-    self.seed = seed
-    self.keep_ids = keep_ids
-
-  def __iter__(self) -> "BucketBatchIterator":
-    return BucketBatchIterator(self._parent.__iter__(), self)
-
-  def __str__(self):
-    return f"BucketBatchIterDataset(batch_size={self.batch_size}, buckets={self.buckets}, window={self.window})"
-
-
-class BucketBatchIterator(grain.DatasetIterator):
-  """Iterator of `BucketBatchIterDataset`.
-
-  State: the parent's state at the start of the current window, the window's
-  number and how many of its batches were emitted. Restoring re-reads that
-  window from the parent (deterministic) and skips the emitted batches.
-  """
-
-  def __init__(self, parent: grain.DatasetIterator, ds: BucketBatchIterDataset):
-    super().__init__(parent)
-    self._ds = ds
-    self._window_start = parent.get_state()
-    self._window_index = 0
-    self._batches: Optional[list[dict[str, Any]]] = None
-    self._emitted = 0
-
-  def _read_window(self) -> list[dict[str, Any]]:
-    ds = self._ds
-    elems = []
-    for _ in range(ds.window * ds.batch_size):
-      try:
-        elems.append(next(self._parent))
-      except StopIteration:
-        break
-    if not elems:
-      return []
-    order = sorted(range(len(elems)), key=lambda i: (len(elems[i]["tokens"]), i))
-    groups = [order[s:s + ds.batch_size] for s in range(0, len(order), ds.batch_size)]
-    perm = np.random.default_rng([ds.seed, self._window_index]).permutation(len(groups))
-    batches = []
-    for g in perm:
-      seqs = [elems[i]["tokens"] for i in groups[g]]
-      longest = max(len(s) for s in seqs)
-      length = next((b for b in ds.buckets if b >= longest), None)
-      if length is None:
-        raise ValueError(f"sequence of {longest} tokens is longer than the largest bucket {ds.buckets[-1]}")
-      acoustic = [elems[i]["acoustic_tokens"] for i in groups[g]] if "acoustic_tokens" in elems[0] else None
-      batch = pad_batch(seqs, ds.batch_size, length, acoustic)
-      if ds.keep_ids:
-        batch["ids"] = [elems[i].get("id") for i in groups[g]]
-      batches.append(batch)
-    return batches
-
-  def __next__(self) -> dict[str, Any]:
-    self._assert_not_closed()
-    if self._batches is not None and self._emitted == len(self._batches):
-      self._window_index += 1
-      self._batches = None
-    if self._batches is None:
-      self._window_start = self._parent.get_state()
-      self._batches = self._read_window()
-      self._emitted = 0
-      if not self._batches:
-        self._batches = None
-        raise StopIteration
-    batch = self._batches[self._emitted]
-    self._emitted += 1
-    return batch
-
-  def get_state(self) -> dict[str, Any]:
-    if self._batches is not None and self._emitted == len(self._batches):
-      return {"parent": self._parent.get_state(), "window_index": self._window_index + 1, "emitted": 0}
-    if self._batches is None:
-      return {"parent": self._parent.get_state(), "window_index": self._window_index, "emitted": 0}
-    return {"parent": self._window_start, "window_index": self._window_index, "emitted": self._emitted}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["parent"])
-    self._window_index = int(state["window_index"])
-    self._batches = None
-    self._emitted = 0
-    if int(state["emitted"]) > 0:
-      self._window_start = state["parent"]
-      self._batches = self._read_window()
-      self._emitted = int(state["emitted"])
-
-
-def _allow_unparsed_absl_flags() -> None:
-  """mp_prefetch reads an absl flag; outside absl.app (scripts, pytest) mark flags parsed.
-
-  Grain 0.2.x raises UnparsedFlagAccessError otherwise (google/grain#1355,
-  fixed upstream by falling back to the flag's default, which is what this does).
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
 
 
 def _packed_to_batch(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -388,6 +237,33 @@ def _packed_to_batch(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------
 # Assembly.
+
+
+def _element_dataset(cfg, *, max_length: int, process_index: int = 0, process_count: int = 1,
+                     keep_ids: bool = False, acoustic_layers: int = 0) -> grain.MapDataset:
+  return element_dataset(
+      list(cfg.train_sources), list(cfg.train_weights), max_length=max_length, min_length=cfg.min_length,
+      seed=cfg.seed, num_epochs=cfg.num_epochs, process_index=process_index, process_count=process_count,
+      tfds_data_dir=cfg.tfds_data_dir, keep_ids=keep_ids, acoustic_layers=acoustic_layers)
+
+
+def bucket_schedule(cfg, *, max_length: int, acoustic_layers: int = 0) -> bucketing.BucketSchedule:
+  """The padded length of every batch (`data.bucketing`), the same in every process.
+
+  With several buckets this reads a sample of the global element stream
+  (`bucketing.SAMPLE_SIZE` kept records, the same records in every process).
+
+  Args:
+    cfg: `config.data`.
+    max_length: crop length and largest bucket (train.seq_length).
+    acoustic_layers: as `host_batch_dataset` (lengths are those of the aligned streams).
+  """
+  buckets = check_buckets(cfg.bucket_lengths or default_buckets(max_length), max_length)
+  sample = ()
+  if len(buckets) > 1:
+    sample = bucketing.sample_lengths(_element_dataset(cfg, max_length=max_length,
+                                                       acoustic_layers=acoustic_layers))
+  return bucketing.BucketSchedule(buckets, sample, cfg.bucket_window, cfg.seed)
 
 
 def host_batch_dataset(cfg, *, batch_size: int, max_length: int, process_index: int = 0,
@@ -409,115 +285,20 @@ def host_batch_dataset(cfg, *, batch_size: int, max_length: int, process_index: 
     raise ValueError(f"data.min_length {cfg.min_length} > crop length {max_length}")
   if cfg.packing and acoustic_layers:
     raise ValueError("data.packing is not supported with acoustic tokens (S2A trains on padded batches)")
-  elements = element_dataset(
-      list(cfg.train_sources), list(cfg.train_weights), max_length=max_length, min_length=cfg.min_length,
-      seed=cfg.seed, num_epochs=cfg.num_epochs, process_index=process_index, process_count=process_count,
-      tfds_data_dir=cfg.tfds_data_dir, keep_ids=keep_ids, acoustic_layers=acoustic_layers)
-  ds = elements.to_iter_dataset(_READ_OPTIONS)
+  elements = _element_dataset(cfg, max_length=max_length, process_index=process_index,
+                              process_count=process_count, keep_ids=keep_ids, acoustic_layers=acoustic_layers)
   workers = cfg.num_workers if num_workers is None else num_workers
-  if workers > 0:
-    _allow_unparsed_absl_flags()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                      per_worker_buffer_size=cfg.worker_buffer_size))
+  ds = batches.host_iter_dataset(elements, _READ_OPTIONS, workers, cfg.worker_buffer_size)
   if cfg.packing:
     ds = grain.experimental.FirstFitPackIterDataset(
         ds.map(lambda x: {"tokens": x["tokens"]}), length_struct={"tokens": max_length},
         num_packing_bins=batch_size, seed=cfg.seed, shuffle_bins=True)
     return ds.batch(batch_size, drop_remainder=True).map(_packed_to_batch)
-  buckets = check_buckets(cfg.bucket_lengths or default_buckets(max_length), max_length)
-  return BucketBatchIterDataset(ds, batch_size, buckets, cfg.bucket_window, cfg.seed, keep_ids)
+  schedule = bucket_schedule(cfg, max_length=max_length, acoustic_layers=acoustic_layers)
+  return bucketing.BucketBatchIterDataset(ds, batch_size, schedule, keep_ids)
 
 
-def _agree_on_length(length: int) -> int:
-  """The largest padded length over all JAX processes (one-integer all-gather)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return int(np.max(multihost_utils.process_allgather(np.asarray(length, np.int32))))
-
-
-def agree_on_length(batch: dict[str, Any]) -> dict[str, Any]:
-  """Pads a host batch to the longest padded length over all JAX processes.
-
-  Bucketed batches differ in length from host to host; a global array needs
-  one shape. A no-op with a single process.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
-    return batch
-  length = batch["tokens"].shape[1]
-  target = _agree_on_length(length)
-  if target == length:
-    return batch
-  pad = lambda v: np.pad(v, [(0, 0), (0, target - length)] + [(0, 0)] * (v.ndim - 2))
-  return {k: pad(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-
-
-def make_global_batch(batch: dict[str, np.ndarray], sharding, agree_length: bool = True) -> dict[str, Any]:
-  """Host-local numpy batch -> dict of global jax.Arrays sharded over the batch.
-
-  Args:
-    batch: {'tokens': [b, T], 'valid': [b, T], ...} with b = global batch /
-      process_count rows; non-array entries (e.g. 'ids') are dropped.
-    sharding: a `jax.sharding.NamedSharding` whose spec splits axis 0 (e.g.
-      `batch_sharding(mesh)`).
-    agree_length: with several processes, first pad every host's batch to the
-      longest padded length among them (`agree_on_length`); not needed when
-      the batches already agree (packing, `make_local_iterator`).
-
-  Returns:
-    The same keys as jax.Arrays of global shape [global_batch, T].
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  if agree_length:
-    batch = agree_on_length(batch)
-  arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
-
-
-class AgreedLengthIterator(grain.DatasetIterator):
-  """Host batches padded to the same length on every JAX process (`agree_on_length`)."""
-
-  def __next__(self) -> dict[str, Any]:
-    self._assert_not_closed()
-    return agree_on_length(next(self._parent))
-
-  def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state)
-
-
-def batch_sharding(mesh, batch_axes: Sequence[str] = ("data", "fsdp")):
-  """NamedSharding splitting the batch axis over `batch_axes` of `mesh` (those present)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes or None))
-
-
-class GlobalBatchIterator(grain.DatasetIterator):
-  """Wraps a host-batch iterator; yields global jax.Array batches.
-
-  Checkpoint state is the wrapped iterator's (so it works with
-  `grain.checkpoint.CheckpointHandler`).
-  """
-
-  def __init__(self, parent: grain.DatasetIterator, sharding, agree_length: bool = True):
-    super().__init__(parent)
-    self._sharding = sharding
-    self._agree_length = agree_length
-
-  def __next__(self) -> dict[str, Any]:
-    self._assert_not_closed()
-    return make_global_batch(next(self._parent), self._sharding, self._agree_length)
-
-  def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state)
-
-
-def acoustic_layers(config) -> int:
+def _acoustic_layers_of(config) -> int:
   """Codec layers the batches of `config` carry: model.num_quantizers for S2A, else 0."""
   model = config.get("model")
   if model is None or model.get("kind", "metis") != "s2a":
@@ -525,8 +306,25 @@ def acoustic_layers(config) -> int:
   return int(model.num_quantizers)
 
 
+acoustic_layers = _acoustic_layers_of
+
+
+def bucket_lengths(config, acoustic_layers: Optional[int] = None) -> tuple[int, ...]:  # pylint: disable=redefined-outer-name
+  """Every padded length T the batches of `config` can have, increasing.
+
+  The trainer compiles its step for each `[global_batch, T]` before the first
+  step. With packing, (train.seq_length,). `acoustic_layers` as
+  `make_local_iterator`.
+  """
+  if config.data.packing:
+    return (int(config.train.seq_length),)
+  layers = _acoustic_layers_of(config) if acoustic_layers is None else acoustic_layers
+  return bucket_schedule(config.data, max_length=config.train.seq_length, acoustic_layers=layers).lengths()
+
+
 def make_local_iterator(config, process_index: Optional[int] = None, process_count: Optional[int] = None,
-                        num_workers: Optional[int] = None) -> grain.DatasetIterator:
+                        num_workers: Optional[int] = None, *,
+                        acoustic_layers: Optional[int] = None) -> grain.DatasetIterator:  # pylint: disable=redefined-outer-name
   """This host's training batches as numpy arrays (for a caller that builds global arrays).
 
   Args:
@@ -536,64 +334,65 @@ def make_local_iterator(config, process_index: Optional[int] = None, process_cou
       index and count simulates a slice of a multi-process run.
     process_count: number of hosts (default jax.process_count()).
     num_workers: override of config.data.num_workers.
+    acoustic_layers: codec layers per frame Q (default: model.num_quantizers
+      when config.model.kind is 's2a', else 0).
 
   Returns:
     A `grain.DatasetIterator` (get_state/set_state with JSON-able dicts;
     close() when done) of {'tokens' int32 [b, T], 'valid' bool [b, T]} (+
     'segment_ids', 'positions' with packing; + 'acoustic_tokens' int32
-    [b, T, model.num_quantizers] when config.model.kind is 's2a'), b = global
-    batch / process count. With bucketing T is one of the bucket lengths, the same on every
-    host at each step (agreed by a one-integer all-gather when there are
-    several processes); with packing T = seq_length. Use num_epochs = 0 with
-    several processes: with a finite number of epochs, hosts may run out one
-    batch apart.
+    [b, T, Q] when Q > 0), b = global batch / process count. With bucketing
+    T is one of `bucket_lengths(config)`, the same on every host at each step
+    (a schedule, no collective); with packing T = seq_length. Use num_epochs
+    = 0 with several processes: with a finite number of epochs, hosts may run
+    out one batch apart (and the last, partial windows may differ).
   """
-  simulated = process_index is not None and process_count is not None
-  if not simulated:
-    import jax  # pylint: disable=g-import-not-at-top
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
     process_index, process_count = jax.process_index(), jax.process_count()
   global_batch = config.train.global_batch_size
   if global_batch % process_count:
     raise ValueError(f"train.global_batch_size {global_batch} is not divisible by {process_count} processes")
+  layers = _acoustic_layers_of(config) if acoustic_layers is None else acoustic_layers
   ds = host_batch_dataset(config.data, batch_size=global_batch // process_count,
                           max_length=config.train.seq_length, process_index=process_index,
-                          process_count=process_count, num_workers=num_workers,
-                          acoustic_layers=acoustic_layers(config))
-  it = iter(ds)
-  return it if simulated or config.data.packing else AgreedLengthIterator(it)
+                          process_count=process_count, num_workers=num_workers, acoustic_layers=layers)
+  return iter(ds)
 
 
 def make_train_iterator(config, sharding=None, *, process_index: Optional[int] = None,
-                        process_count: Optional[int] = None,
-                        num_workers: Optional[int] = None) -> grain.DatasetIterator:
+                        process_count: Optional[int] = None, num_workers: Optional[int] = None):
   """Training batches as global jax.Arrays (or host numpy batches if no sharding).
 
   Args:
     config: the full config (see `make_local_iterator`).
-    sharding: NamedSharding of the batch (e.g. `batch_sharding(mesh)`); None
-      yields host-local numpy batches instead of global jax.Arrays.
+    sharding: the batch sharding (e.g. `parallel.mesh.batch_sharding(mesh)`)
+      or a Mesh (see `batches.make_global_batch`); None yields host-local
+      numpy batches instead of global jax.Arrays.
     process_index: override of jax.process_index() (tests, manual sharding).
     process_count: override of jax.process_count().
     num_workers: override of config.data.num_workers.
 
   Returns:
-    A `grain.DatasetIterator` (get_state/set_state; close() when done) of
-    batches in the format of the module docstring.
+    An iterator with get_state/set_state (close() when done) of batches in
+    the format of the module docstring: the host `grain.DatasetIterator`, or
+    a `batches.GlobalBatchIterator` around it.
   """
   it = make_local_iterator(config, process_index, process_count, num_workers)
-  return GlobalBatchIterator(it, sharding, agree_length=False) if sharding is not None else it
+  return batches.GlobalBatchIterator(it, sharding, config.train.global_batch_size) if sharding is not None else it
 
 
 # ---------------------------------------------------------------------------
 # Checkpointing (Orbax + grain.checkpoint).
 
 
-def get_state(iterator: grain.DatasetIterator) -> dict[str, Any]:
+def get_state(iterator) -> dict[str, Any]:
   """The iterator's state (JSON-serializable, a few hundred bytes per host)."""
-  return iterator.get_state()
+  state = iterator.get_state()
+  return json.loads(state.decode()) if isinstance(state, bytes) else state
 
 
-def set_state(iterator: grain.DatasetIterator, state: dict[str, Any]) -> None:
+def set_state(iterator, state: dict[str, Any]) -> None:
   """Restores a state from `get_state` (same pipeline config and worker count)."""
   iterator.set_state(state)
 

@@ -756,15 +756,12 @@ def make_task_iterator(task: str, source: str, opts: TaskOptions, *, batch_size:
     target_filter: record id -> usable as a target.
     pool_filter: record id -> usable as a prompt / interferer.
   """
-  from metis_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from metis_jax.data import batches, pipeline  # pylint: disable=g-import-not-at-top
   buckets = pipeline.check_buckets(buckets or pipeline.default_buckets(opts.max_length), opts.max_length)
   ds = task_element_dataset(task, source, opts, seed=seed, num_epochs=num_epochs, audio_root=audio_root,
                             noise_dirs=noise_dirs, rir_dirs=rir_dirs, target_filter=target_filter,
                             pool_filter=pool_filter)
   ds = ds[process_index::process_count]
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
-  if num_workers > 0:
-    pipeline._allow_unparsed_absl_flags()  # pylint: disable=protected-access
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                            per_worker_buffer_size=worker_buffer_size))
+  it_ds = batches.host_iter_dataset(ds, grain.ReadOptions(num_threads=2, prefetch_buffer_size=16),
+                                    num_workers, worker_buffer_size)
   return iter(TaskBatchIterDataset(it_ds, batch_size, buckets, tasks_of(task, opts), opts))

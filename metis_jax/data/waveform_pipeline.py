@@ -1,19 +1,19 @@
 """Raw-audio training crops for the codecs: a Grain pipeline with checkpointable state.
 
-Per host (JAX process), with the Grain Dataset API:
+Per host (JAX process), with the Grain Dataset API and the shared chain of
+`data.batches` (the token pipeline's too):
 
   audio files of each corpus (folders walked in sorted order) or ArrayRecord
   shards whose records are encoded audio files
-    -> shuffle(seed)                 global shuffle, re-seeded every epoch
-    -> repeat(num_epochs)            0 = forever
-    -> mix(weights)                  several corpora in fixed proportions
-    -> [process_index::process_count]   disjoint slice per JAX process
+    -> batches.source_chain          shuffle(seed) per corpus, repeat(num_epochs)
+                                     (0 = forever), mix(weights),
+                                     [process_index::process_count]
     -> decode, down-mix, resample to the codec's rate, random crop
                                      (a file that fails becomes an error element)
-    -> to_iter_dataset -> mp_prefetch(num_workers)
+    -> batches.host_iter_dataset     to_iter_dataset -> mp_prefetch(num_workers)
     -> CropBatchIterator             drops and counts error elements, stacks batches
 
-Batch (host numpy; `input_pipeline.GlobalBatchIterator` makes global arrays):
+Batch (host numpy; `batches.GlobalBatchIterator` makes global arrays):
   wav      float32 [batch, samples]   a crop at a random offset, zero after its length
   lengths  int32   [batch]            real samples per row (< samples for short files)
 
@@ -37,6 +37,7 @@ import numpy as np
 from absl import logging
 
 from metis_jax.data import audio
+from metis_jax.data import batches
 from metis_jax.data import shards
 
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
@@ -156,17 +157,8 @@ def element_dataset(sources: Sequence[str], weights: Sequence[float] = (), *, sa
   """The per-host dataset of crops (and error elements), before batching; see the module doc."""
   if not sources:
     raise ValueError("no audio sources: set config.data.train_sources (or data.demo_corpus=True)")
-  if weights and len(weights) != len(sources):
-    raise ValueError(f"{len(weights)} mixture weights for {len(sources)} sources")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  parts = []
-  for i, spec in enumerate(sources):
-    src = open_source(spec)
-    ds = grain.MapDataset.source(src).shuffle(seed=seed + 7919 * i)
-    parts.append(ds.repeat(num_epochs if num_epochs > 0 else None))
-  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(weights) or None)
-  ds = ds[process_index::process_count]
+  ds = batches.source_chain([open_source(spec) for spec in sources], weights, seed=seed, num_epochs=num_epochs,
+                            process_index=process_index, process_count=process_count)
   return ds.random_map(LoadCrop(sample_rate, crop, silence_threshold_db), seed=seed + 1)
 
 
@@ -227,13 +219,6 @@ class CropBatchIterator(grain.DatasetIterator):
     self.skipped_files = int(state.get("skipped_files", 0))
 
 
-def _allow_unparsed_absl_flags() -> None:
-  """mp_prefetch reads an absl flag; outside absl.app (scripts, pytest) mark flags parsed."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def make_local_iterator(data_cfg, *, sample_rate: int, crop: int, batch_size: int, process_index: int = 0,
                         process_count: int = 1, num_workers: Optional[int] = None) -> CropBatchIterator:
   """This host's batches of crops (see the module doc for the format).
@@ -251,12 +236,8 @@ def make_local_iterator(data_cfg, *, sample_rate: int, crop: int, batch_size: in
                        crop=crop, seed=data_cfg.seed, num_epochs=data_cfg.num_epochs,
                        process_index=process_index, process_count=process_count,
                        silence_threshold_db=data_cfg.silence_threshold_db)
-  it_ds = ds.to_iter_dataset(_READ_OPTIONS)
   workers = data_cfg.num_workers if num_workers is None else num_workers
-  if workers > 0:
-    _allow_unparsed_absl_flags()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                            per_worker_buffer_size=data_cfg.worker_buffer_size))
+  it_ds = batches.host_iter_dataset(ds, _READ_OPTIONS, workers, data_cfg.worker_buffer_size)
   return iter(CropBatchIterDataset(it_ds, batch_size))
 
 

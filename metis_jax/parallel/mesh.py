@@ -100,8 +100,14 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Sharding of a `[batch, ...]` input array: batch over data x fsdp."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+  """Sharding of a `[batch, ...]` input array: batch over data x fsdp (those in `mesh`).
+
+  The one batch sharding of the package (the input pipelines, the train
+  steps); a mesh without those axes (e.g. a bare ('data',) mesh of a
+  benchmark) splits over the ones it has, or replicates.
+  """
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  return NamedSharding(mesh, PartitionSpec(axes or None, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

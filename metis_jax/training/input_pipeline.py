@@ -3,11 +3,12 @@
 It returns an iterator of *global* batches, `{'tokens': int32 [B, T],
 'valid': bool [B, T]}` (plus `'acoustic_tokens': int32 [B, T, Q]` for S2A,
 `config.model.kind = 's2a'`, Q = `model.num_quantizers`; `tokens` are always
-the SSL tokens) as `jax.Array`s sharded over (data, fsdp), assembled
-from each process's rows with `jax.make_array_from_process_local_data`. The
-iterator also has `get_state() -> bytes` / `set_state(bytes)`, so the
+the SSL tokens) as `jax.Array`s sharded over (data, fsdp): a
+`data.batches.GlobalBatchIterator`, the one batch path every trainer uses.
+The iterator also has `get_state() -> bytes` / `set_state(bytes)`, so the
 checkpoint saves it as its own item through Grain's Orbax handler (one small
-JSON file per process).
+JSON file per process). What is training-specific lives here: the synthetic
+sources and which keys a batch carries for the model's objective.
 
 Sources:
   * `config.train.synthetic_data = True`: `SyntheticSource`, deterministic
@@ -16,20 +17,24 @@ Sources:
   * otherwise the Grain pipeline of `metis_jax.data.pipeline` (ArrayRecord
     shards of tokenized speech listed in `config.data.train_sources`). With
     length bucketing (the default) T varies between the bucket lengths and
-    the train step compiles once per bucket; packing (`data.packing`) is
-    rejected by the train step (see `train_step.check_batch`).
+    the train step compiles once per bucket (`batch_specs` lists them all);
+    packing (`data.packing`) is rejected by the train step (see
+    `train_step.check_batch`).
 """
 
-import json
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from metis_jax.data.batches import GlobalBatchIterator
 from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.training import objectives as train_objectives
+
+__all__ = ["GlobalBatchIterator", "SyntheticSource", "batch_spec", "batch_specs", "local_batch_size",
+           "make_train_iterator", "synthetic_acoustic", "synthetic_rows"]
 
 
 def local_batch_size(global_batch: int, mesh: Mesh, process_count: int) -> int:
@@ -139,53 +144,24 @@ class SyntheticSource:
     self.step = int(state["step"])
 
 
-class GlobalBatchIterator:
-  """Turns per-process numpy batches into global `jax.Array` batches.
-
-  Args:
-    local: iterator of `{name: [local_batch, ...]}` numpy dicts, with
-      `get_state()`/`set_state()` (dict or bytes, as Grain iterators have).
-    mesh: the device mesh; the batch is split over (data, fsdp).
-    global_batch: rows of the global batch.
-  """
-
-  def __init__(self, local: Iterator, mesh: Mesh, global_batch: int):
-    self.local, self.mesh, self.global_batch = local, mesh, global_batch
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, jax.Array]:
-    batch = next(self.local)
-    out = {}
-    for name, value in batch.items():
-      value = np.asarray(value)
-      sharding = mesh_lib.batch_sharding(self.mesh, value.ndim)
-      shape = (self.global_batch,) + value.shape[1:]
-      out[name] = jax.make_array_from_process_local_data(sharding, value, shape)
-    return out
-
-  # Grain's Orbax handler stores `get_state()` bytes in process_<i>-of-<n>.json.
-  def get_state(self) -> bytes:
-    state = self.local.get_state()
-    return state if isinstance(state, bytes) else json.dumps(state, indent=2).encode()
-
-  def set_state(self, state: bytes) -> None:
-    current = self.local.get_state()
-    self.local.set_state(state if isinstance(current, bytes) else json.loads(state.decode()))
-
-  def start_prefetch(self) -> None:
-    if hasattr(self.local, "start_prefetch"):
-      self.local.start_prefetch()
-
-  def close(self) -> None:
-    if hasattr(self.local, "close"):
-      self.local.close()
-
-
 def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes and dtypes of a global batch (for compiling before data exists)."""
   return train_objectives.batch_spec(config)
+
+
+def batch_specs(config: ml_collections.ConfigDict) -> list[dict[str, jax.ShapeDtypeStruct]]:
+  """Every global batch shape training on `config` can produce, shortest T first.
+
+  One spec (`batch_spec`) for synthetic data; with the Grain pipeline one per
+  bucket length of its schedule (`data.pipeline.bucket_lengths`, which reads
+  a small sample of the data), so the trainer can compile the step for each
+  before the first one; the last has T = train.seq_length, the largest.
+  """
+  if config.train.synthetic_data or not config.data.train_sources:
+    return [batch_spec(config)]
+  from metis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  lengths = pipeline.bucket_lengths(config, train_objectives.acoustic_layers(config))
+  return [train_objectives.batch_spec(config, length=t) for t in lengths]
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, mesh: Mesh,
@@ -216,7 +192,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, mesh: Mesh,
                      "metis_jax/data) or train on synthetic tokens with "
                      "--config.train.synthetic_data=True")
   from metis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  # Host numpy batches; with several processes the pipeline pads every host's
-  # batch to the same (bucket) length before we assemble the global array.
-  local = pipeline.make_local_iterator(config, process_index, process_count)
+  # Host numpy batches; every host's batch has the same (scheduled bucket)
+  # length at each step, so assembling the global array needs no collective.
+  local = pipeline.make_local_iterator(config, index, count,
+                                       acoustic_layers=train_objectives.acoustic_layers(config))
   return GlobalBatchIterator(local, mesh, global_batch)
