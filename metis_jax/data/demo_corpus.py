@@ -9,13 +9,25 @@ text}) beside each: the 'dir' layout that `readers` ingests. By default 4
 languages x 3 voices x 8 sentences, about 5 minutes of speech in a few seconds
 of compute. The engine is libespeak-ng from the `espeakng-loader` wheel,
 driven through ctypes; nothing is downloaded.
+
+Determinism: the same call writes the same bytes on every run. libespeak-ng
+keeps synthesis state in process globals (waveform phase, echo buffer, noise
+generator) that carry from one utterance to the next and survive
+re-initialization, so `generate` synthesizes in a fresh Python process
+(`isolated=True`), in a fixed order, seeding espeak's noise generator per
+utterance. Floating-point parts of the engine may still differ across CPU
+architectures or `espeakng-loader` versions: `engine_version()` names it,
+and the demo's fingerprints (`metis_jax.data.demo`) tell such corpora apart.
 """
 
 import argparse
 import ctypes
 import json
 import os
+import subprocess
+import sys
 import threading
+import zlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -113,6 +125,9 @@ class Espeak:
         raise ValueError(f"espeak-ng has no voice {voice!r}")
       self.lib.espeak_SetParameter(_ESPEAK_RATE, rate, 0)
       self.lib.espeak_SetParameter(_ESPEAK_PITCH, pitch, 0)
+      # Noise (breath, frication) from espeak's own generator: seeded per utterance.
+      if hasattr(self.lib, "espeak_ng_SetRandSeed"):
+        self.lib.espeak_ng_SetRandSeed(ctypes.c_long(zlib.crc32(f"{voice}|{rate}|{pitch}|{text}".encode())))
       self._chunks = []
       data = text.encode("utf-8")
       err = self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, _ESPEAK_CHARS_UTF8, None, None)
@@ -122,8 +137,17 @@ class Espeak:
       return np.concatenate(self._chunks) if self._chunks else np.zeros((0,), np.int16)
 
 
+def engine_version() -> str:
+  """The espeak-ng build the corpus comes from (`espeakng-loader`'s version)."""
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    return "espeakng-loader " + metadata.version("espeakng-loader")
+  except Exception:  # pylint: disable=broad-except
+    return "espeakng-loader unknown"
+
+
 def generate(output_dir: str, languages: Sequence[str] = ("en", "de", "fr", "es"), speakers_per_language: int = 3,
-             sentences_per_speaker: int = 8) -> dict:
+             sentences_per_speaker: int = 8, isolated: bool = True) -> dict:
   """Writes the demo corpus; returns {'files': n, 'seconds': s, 'sample_rate': r}.
 
   Args:
@@ -131,7 +155,11 @@ def generate(output_dir: str, languages: Sequence[str] = ("en", "de", "fr", "es"
     languages: keys of SENTENCES.
     speakers_per_language: voices per language (at most len(SPEAKERS)).
     sentences_per_speaker: sentences each voice reads (at most 8).
+    isolated: synthesize in a fresh process, so the bytes do not depend on
+      what this process synthesized before (module docstring).
   """
+  if isolated:
+    return _generate_in_subprocess(output_dir, languages, speakers_per_language, sentences_per_speaker)
   engine = Espeak.get()
   files, samples = 0, 0
   for lang in languages:
@@ -155,17 +183,36 @@ def generate(output_dir: str, languages: Sequence[str] = ("en", "de", "fr", "es"
   return {"files": files, "seconds": samples / engine.sample_rate, "sample_rate": engine.sample_rate}
 
 
+def _generate_in_subprocess(output_dir: str, languages: Sequence[str], speakers: int, sentences: int) -> dict:
+  for lang in languages:  # the same error as in-process, before starting anything
+    if lang not in SENTENCES:
+      raise ValueError(f"demo corpus has no language {lang!r}; choose from {sorted(SENTENCES)}")
+  package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+  cmd = [sys.executable, "-m", "metis_jax.data.demo_corpus", "--output", output_dir, "--languages",
+         ",".join(languages), "--speakers", str(speakers), "--sentences", str(sentences), "--json"]
+  done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+  if done.returncode != 0:
+    raise RuntimeError(f"synthesizing the demo corpus into {output_dir} failed:\n{done.stderr.strip()}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--output", required=True, help="folder to write the corpus to")
   parser.add_argument("--languages", default="en,de,fr,es", help="comma-separated, from " + ",".join(SENTENCES))
   parser.add_argument("--speakers", type=int, default=3, help="voices per language (<= 4)")
   parser.add_argument("--sentences", type=int, default=8, help="sentences per voice (<= 8)")
+  parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
   args = parser.parse_args(argv)
-  info = generate(args.output, args.languages.split(","), args.speakers, args.sentences)
+  info = generate(args.output, args.languages.split(","), args.speakers, args.sentences, isolated=False)
+  if args.json:
+    print(json.dumps(info))
+    return
   print(f"demo corpus: {info['files']} utterances, {info['seconds'] / 60:.1f} min at "
         f"{info['sample_rate']} Hz in {args.output}")
 
 
 if __name__ == "__main__":
-  main()
+  from metis_jax import cli_support  # pylint: disable=g-import-not-at-top
+  cli_support.run(main)
