@@ -6,6 +6,16 @@ Amphion -> metis_jax (an Orbax checkpoint of the params plus the model config):
 metis_jax -> Amphion key layout:
   python -m metis_jax.convert --reverse --input /ckpt/maskgct_t2s --output t2s.safetensors
 
+Fine-tunes: the released base + LoRA + adapter files (SE / TSE / VC), the LoRA
+merged into the base unless --nomerge_lora:
+  python -m metis_jax.convert --input metis_base/model.safetensors \
+      --lora metis_se/metis_se_lora_32.safetensors \
+      --adapter metis_se/metis_se_lora_32_adapter.safetensors --output /ckpt/metis_se
+A full fine-tuned checkpoint with `cond_adapter.*` keys (L2S) converts with
+--input alone. With --reverse, --lora and --adapter name the LoRA and adapter
+files to write beside the base (--output); a model with an adapter and no
+unmerged LoRA is written as one full checkpoint without them.
+
 The model config (width, depth, vocabulary, phones) is read from the file's
 shapes; heads come from `--num_heads` (default: the file's metadata, else 16).
 A file that does not match is refused with its missing, unexpected and
@@ -22,7 +32,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from metis_jax.conversion import common, t2s
+from metis_jax.conversion import common, finetune, t2s
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "Amphion .safetensors file (or, with --reverse, a converted folder).")
@@ -30,6 +40,12 @@ flags.DEFINE_string("output", None, "Output folder (or, with --reverse, a .safet
 flags.DEFINE_bool("reverse", False, "Convert a metis_jax folder back to the Amphion layout.")
 flags.DEFINE_integer("num_heads", None, "Attention heads (not recoverable from shapes; default 16).")
 flags.DEFINE_bool("scan_layers", True, "Store the blocks stacked (nn.scan layout).")
+flags.DEFINE_string("lora", None, "Released LoRA .safetensors of a Metis fine-tune (with --reverse: "
+                    "the LoRA file to write).")
+flags.DEFINE_string("adapter", None, "Released adapter .safetensors of a Metis fine-tune (with "
+                    "--reverse: the adapter file to write).")
+flags.DEFINE_bool("merge_lora", True, "Fold the LoRA into the base weights (W + alpha/r B A).")
+flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default: the file's metadata, else 2 x rank).")
 
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -65,15 +81,32 @@ def main(argv):
   try:
     if FLAGS.reverse:
       model, params = load_converted(FLAGS.input)
-      t2s.save_amphion(FLAGS.output, params, model)
-      print(f"wrote {FLAGS.output} ({len(t2s.key_map(model))} tensors)")
+      if FLAGS.lora or FLAGS.adapter:
+        finetune.save_released(FLAGS.output, params, model, FLAGS.lora, FLAGS.adapter)
+        print(f"wrote {', '.join(p for p in (FLAGS.output, FLAGS.lora, FLAGS.adapter) if p)}")
+      elif model.get("cond_feature_dim") or model.get("lora_rank"):
+        finetune.save_full(FLAGS.output, params, model)
+        print(f"wrote {FLAGS.output} (full fine-tuned checkpoint)")
+      else:
+        t2s.save_amphion(FLAGS.output, params, model)
+        print(f"wrote {FLAGS.output} ({len(t2s.key_map(model))} tensors)")
     else:
-      model, params = t2s.load_amphion(FLAGS.input, FLAGS.num_heads, FLAGS.scan_layers)
+      if FLAGS.lora or FLAGS.adapter:
+        model, params = finetune.load_released(
+            FLAGS.input, FLAGS.lora, FLAGS.adapter, merge=FLAGS.merge_lora,
+            lora_alpha=FLAGS.lora_alpha, num_heads=FLAGS.num_heads, scan_layers=FLAGS.scan_layers)
+      elif finetune.has_adapter_keys(FLAGS.input):
+        model, params = finetune.load_full(FLAGS.input, num_heads=FLAGS.num_heads,
+                                           scan_layers=FLAGS.scan_layers)
+      else:
+        model, params = t2s.load_amphion(FLAGS.input, FLAGS.num_heads, FLAGS.scan_layers)
       save_converted(FLAGS.output, model, params)
       n = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
       print(f"wrote {FLAGS.output}: {model.num_layers} layers x {model.hidden_size} wide, "
             f"{model.num_heads} heads, vocab {model.vocab_size}, phones {model.use_phone_cond}, "
-            f"{n / 1e6:.1f}M parameters")
+            f"{n / 1e6:.1f}M parameters"
+            + (f", adapter c={model.cond_feature_dim}" if model.get("cond_feature_dim") else "")
+            + (f", LoRA r={model.lora_rank} unmerged" if model.get("lora_rank") else ""))
   except common.ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -15,6 +15,7 @@ import ml_collections
 
 from metis_jax.parallel import sharding
 from metis_jax.nn import adapter as adapter_lib
+from metis_jax.nn import lora as lora_lib
 from metis_jax.nn import mlp, transformer
 
 EMBED_INIT = nn.initializers.normal(stddev=0.02)
@@ -30,17 +31,34 @@ class MetisConfig:
   phone_pad_id: int = 1023
   cond_feature_dim: int = 0
   adapter_gated: bool = True
+  # LoRA on the backbone's linear maps (rank 0: none, no LoRA parameters).
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = lora_lib.TARGETS
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> "MetisConfig":
     backbone = transformer.BackboneConfig.from_config(model)
     return cls(backbone=backbone, vocab_size=model.vocab_size, use_phone_cond=model.use_phone_cond,
                phone_vocab_size=model.phone_vocab_size, phone_pad_id=model.phone_pad_id,
-               cond_feature_dim=model.cond_feature_dim, adapter_gated=model.adapter_gated)
+               cond_feature_dim=model.cond_feature_dim, adapter_gated=model.adapter_gated,
+               lora_rank=int(model.get("lora_rank", 0)),
+               lora_alpha=float(model.get("lora_alpha", 0.0)),
+               lora_dropout=float(model.get("lora_dropout", 0.0)),
+               lora_targets=lora_lib.parse_targets(model.get("lora_targets", lora_lib.TARGETS)))
+
+  def __post_init__(self):
+    _ = self.lora  # validates the LoRA fields
 
   @property
   def hidden_size(self) -> int:
     return self.backbone.hidden_size
+
+  @property
+  def lora(self) -> lora_lib.LoraConfig:
+    return lora_lib.LoraConfig(self.lora_rank, self.lora_alpha, self.lora_dropout,
+                               tuple(self.lora_targets))
 
 
 def compact_positions(valid: jax.Array) -> jax.Array:
@@ -72,7 +90,7 @@ class MetisModel(nn.Module):
     if cfg.cond_feature_dim:
       self.adapter = adapter_lib.ConditionAdapter(cfg.backbone.mlp_ratio * h, h, cfg.adapter_gated,
                                                   dtype=cdtype, param_dtype=wdtype)
-    self.backbone = transformer.Backbone(cfg.backbone)
+    self.backbone = transformer.Backbone(dataclasses.replace(cfg.backbone, lora=cfg.lora))
     self.to_logits = nn.Dense(
         cfg.vocab_size, dtype=cdtype, param_dtype=wdtype,
         kernel_init=sharding.partitioned(EMBED_INIT, ("embed", "vocab")),
@@ -165,6 +183,15 @@ def init_params(model: MetisModel, rng: jax.Array):
   """Unboxed parameter pytree (logical-axis metadata stripped)."""
   variables = model.init(rng, **model.init_inputs())
   return nn.unbox(variables["params"])
+
+
+def merge_lora(params, config: MetisConfig):
+  """Params with every LoRA folded into its kernel (W + alpha/r A B), LoRA leaves removed.
+
+  Apply the result with `dataclasses.replace(config, lora_rank=0)`: it costs
+  exactly the base model.
+  """
+  return lora_lib.merge_lora(params, config.lora)
 
 
 def count_params(params) -> int:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from metis_jax.parallel import sharding
+from metis_jax.nn import lora as lora_lib
 from metis_jax.nn import rope
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
@@ -41,12 +42,18 @@ class Projection(nn.Module):
     contract: number of trailing input axes to contract (1 for q/k/v, 2 for
       the output projection over (heads, head_dim)).
     logical_axes: logical names of the kernel, input axes then output axes.
+    lora_rank: rank of a LoRA on this map (0: none, and no LoRA parameters).
+    lora_scale: alpha / r of that LoRA.
+    lora_dropout: dropout on the LoRA input (only with a `dropout` RNG).
   """
   features: tuple[int, ...]
   contract: int
   logical_axes: tuple[str, ...]
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  lora_rank: int = 0
+  lora_scale: float = 0.0
+  lora_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -54,9 +61,16 @@ class Projection(nn.Module):
     in_shape = x.shape[x.ndim - self.contract:]
     kernel = self.param("kernel", sharding.partitioned(KERNEL_INIT, self.logical_axes),
                         in_shape + tuple(self.features), self.param_dtype)
+    lora_in = x
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     axes = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
-    return jax.lax.dot_general(x, kernel, (axes, ((), ())))
+    y = jax.lax.dot_general(x, kernel, (axes, ((), ())))
+    if self.lora_rank:
+      y = y + lora_lib.lora_update(
+          self, lora_in, tuple(self.logical_axes[:self.contract]), tuple(self.features),
+          tuple(self.logical_axes[self.contract:]), self.lora_rank, self.lora_scale,
+          self.lora_dropout, self.dtype, self.param_dtype)
+    return y
 
 
 def choose_implementation(requested: Optional[str], dtype) -> Optional[str]:
@@ -83,12 +97,14 @@ class SelfAttention(nn.Module):
     rope_theta: RoPE base.
     implementation: `jax.nn.dot_product_attention` implementation
       (None = `choose_implementation`'s default, 'xla', 'cudnn').
+    lora: LoRA on q/k/v/o (`q_proj`... among its targets); default none.
   """
   num_heads: int
   rope_theta: float = 10000.0
   implementation: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
@@ -105,11 +121,14 @@ class SelfAttention(nn.Module):
     embed = x.shape[-1]
     head_dim = embed // self.num_heads
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    projection = lambda name: Projection((self.num_heads, head_dim), 1, ("embed", "heads", "kv"),
-                                         name=name, **dtypes)
-    q = rope.apply_rope(projection("query")(x), positions, self.rope_theta)
-    k = rope.apply_rope(projection("key")(x), positions, self.rope_theta)
-    v = projection("value")(x)
+    adapted = lambda target: dict(lora_rank=self.lora.rank_for(target), lora_scale=self.lora.scale,
+                                  lora_dropout=self.lora.dropout)
+    projection = lambda name, target: Projection(
+        (self.num_heads, head_dim), 1, ("embed", "heads", "kv"), name=name, **dtypes,
+        **adapted(target))
+    q = rope.apply_rope(projection("query", "q_proj")(x), positions, self.rope_theta)
+    k = rope.apply_rope(projection("key", "k_proj")(x), positions, self.rope_theta)
+    v = projection("value", "v_proj")(x)
     q = sharding.constrain(q, sharding.BATCH_LENGTH_HEADS_KV)
     k = sharding.constrain(k, sharding.BATCH_LENGTH_HEADS_KV)
     v = sharding.constrain(v, sharding.BATCH_LENGTH_HEADS_KV)
@@ -121,5 +140,6 @@ class SelfAttention(nn.Module):
       mask = jnp.broadcast_to(mask, (mask.shape[0], 1, x.shape[1], x.shape[1]))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     out = sharding.constrain(out, sharding.BATCH_LENGTH_HEADS_KV)
-    out = Projection((embed,), 2, ("heads", "kv", "embed"), name="out", **dtypes)(out)
+    out = Projection((embed,), 2, ("heads", "kv", "embed"), name="out", **dtypes,
+                     **adapted("o_proj"))(out)
     return sharding.constrain(out, sharding.BATCH_LENGTH_EMBED)

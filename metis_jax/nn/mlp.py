@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metis_jax.nn import attention
+from metis_jax.nn import lora as lora_lib
 from metis_jax.parallel import sharding
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
@@ -14,22 +16,26 @@ class SwiGLU(nn.Module):
 
   Attributes:
     hidden_dim: inner width (4H in Metis).
+    lora: LoRA on gate/up/down (`gate_proj`... among its targets); default none.
   """
   hidden_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[batch, length, embed]` -> `[batch, length, embed]`."""
     embed = x.shape[-1]
-    dense = lambda features, axes, name: nn.Dense(
-        features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=sharding.partitioned(KERNEL_INIT, axes), name=name)
-    gate = dense(self.hidden_dim, ("embed", "mlp"), "gate")(x)
-    up = dense(self.hidden_dim, ("embed", "mlp"), "up")(x)
+    # A kernel `[in, out]` named `kernel`, as nn.Dense would make (same names and init).
+    dense = lambda features, axes, name, target: attention.Projection(
+        (features,), 1, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        lora_rank=self.lora.rank_for(target), lora_scale=self.lora.scale,
+        lora_dropout=self.lora.dropout)
+    gate = dense(self.hidden_dim, ("embed", "mlp"), "gate", "gate_proj")(x)
+    up = dense(self.hidden_dim, ("embed", "mlp"), "up", "up_proj")(x)
     h = sharding.constrain(nn.silu(gate) * up, sharding.BATCH_LENGTH_MLP)
-    out = dense(embed, ("mlp", "embed"), "down")(h)
+    out = dense(embed, ("mlp", "embed"), "down", "down_proj")(h)
     return sharding.constrain(out, sharding.BATCH_LENGTH_EMBED)
 
 

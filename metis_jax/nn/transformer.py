@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from metis_jax.parallel import sharding
 from metis_jax.nn import attention, embeddings, mlp, norms
+from metis_jax.nn import lora as lora_lib
 
 REMAT_POLICIES = {
     "none": None,
@@ -35,6 +36,8 @@ class BackboneConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = ""
+  # LoRA on the blocks' linear maps (set by the model config; rank 0 = none).
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
   @classmethod
   def from_config(cls, model) -> "BackboneConfig":
@@ -73,10 +76,10 @@ class TransformerBlock(nn.Module):
     dtypes = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     h = norms.AdaptiveRMSNorm(cfg.norm_eps, name="input_norm", **dtypes)(x, cond)
     h = attention.SelfAttention(cfg.num_heads, cfg.rope_theta, cfg.attention_impl or None,
-                                name="attention", **dtypes)(h, positions, mask)
+                                name="attention", lora=cfg.lora, **dtypes)(h, positions, mask)
     x = x + h
     h = norms.AdaptiveRMSNorm(cfg.norm_eps, name="post_attention_norm", **dtypes)(x, cond)
-    h = mlp.SwiGLU(cfg.mlp_ratio * cfg.hidden_size, name="mlp", **dtypes)(h)
+    h = mlp.SwiGLU(cfg.mlp_ratio * cfg.hidden_size, name="mlp", lora=cfg.lora, **dtypes)(h)
     x = sharding.constrain(x + h, sharding.BATCH_LENGTH_EMBED)
     return x, None
 
@@ -117,7 +120,8 @@ class Backbone(nn.Module):
     if cfg.remat_policy != "none":
       block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+      stack = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = stack(cfg, name="layers")(x, cond, positions, mask)

@@ -15,11 +15,31 @@ from metis_jax import config_base
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# Logical names every rules table must map, with the mesh axes they take when
+# a config's table does not name them: the LoRA rank axis is never split (its
+# factors shard along their base weight's other axes).
+REQUIRED_RULES = (("lora_rank", None),)
+
+
+def rules_from_config(rules) -> tuple:
+  """Config rules (list of [name, axis-or-list-or-None]) -> the tuple flax wants.
+
+  Names of `REQUIRED_RULES` the table lacks are appended with their default.
+  """
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    out.append((name, axes))
+  named = {name for name, _ in out}
+  out.extend(rule for rule in REQUIRED_RULES if rule[0] not in named)
+  return tuple(out)
+
+
 # The default rules table lives with every other knob, in
 # `config_base.mesh_config().logical_axis_rules` (where it is documented);
 # this is that table as the tuple flax wants, for code that has no config.
-DEFAULT_RULES = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-                      for name, axes in config_base.mesh_config().logical_axis_rules)
+DEFAULT_RULES = rules_from_config(config_base.mesh_config().logical_axis_rules)
 
 # Shorthands for the activation layouts used throughout the model.
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
@@ -37,12 +57,3 @@ def partitioned(init_fn, logical_axes: Sequence[str | None]):
   """Wraps an initializer so the parameter carries its logical axis names."""
   return nn.with_logical_partitioning(init_fn, tuple(logical_axes))
 
-
-def rules_from_config(rules) -> tuple:
-  """Config rules (list of [name, axis-or-list-or-None]) -> the tuple flax wants."""
-  out = []
-  for name, axes in rules:
-    if isinstance(axes, list):
-      axes = tuple(axes)
-    out.append((name, axes))
-  return tuple(out)
