@@ -106,6 +106,7 @@ def _read_report(path):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_one_example_has_the_requested_duration_and_a_report(setup):
   _needs_phonemizer()
   wav, text = setup["clips"][CLIPS[0]]
@@ -243,7 +244,7 @@ def test_unusable_runs_exit_with_a_clear_error(setup, capsys):
   out = str(setup["root"] / "err" / "x.wav")
   base = ["--prompt_wav", wav, "--prompt_text", text, "--text", "Hi.", "--out", out]
   assert decode.run_cli(["decode", "--task", "vc"] + setup["flags"] + base) == 2
-  assert "task 'vc' is not wired yet" in capsys.readouterr().err
+  assert "task 'vc' needs a fine-tuned model with a condition adapter" in capsys.readouterr().err
   flags = [f if f != os.path.join(str(setup["root"] / "models"), "codec") else "/nonexistent/codec"
            for f in setup["flags"]]
   assert decode.run_cli(["decode"] + flags + base) == 2
@@ -290,6 +291,7 @@ def _same_outputs_as_one_device(out_dir, baseline_dir, atol=0.0):
   return report
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_audio_of_one(setup, manifest_run, spread_manifest):
   """The batch of 4 split over 2 devices (2 rows each) decodes as on one device (4 rows)."""
   _, _, baseline = manifest_run
@@ -299,6 +301,7 @@ def test_two_devices_give_the_audio_of_one(setup, manifest_run, spread_manifest)
   _same_outputs_as_one_device(out_dir, str(baseline))
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_audio_of_one(setup, manifest_run, spread_manifest, tmp_path):
   """Two JAX processes (1 CPU device each, gloo over loopback) share the manifest: each writes the
   wavs of its own examples, process 0 the merged report; the audio is the one-process audio."""

@@ -128,7 +128,7 @@ def test_batch_layout_rows_and_round_trip():
 
 
 def test_task_registry_and_reference_defaults():
-  assert {"continue", "tts", "resynth"} <= set(decode_tasks.TASKS)
+  assert {"continue", "tts", "resynth", "se", "tse", "vc", "l2s", "omni"} <= set(decode_tasks.TASKS)
   d = decode_tasks.DECODE_DEFAULTS
   assert (d["tts"].steps, d["tts"].cfg, d["tts"].temperature) == (25, 2.5, 0.9)
   assert (d["vc"].steps, d["vc"].cfg) == (20, 1.0)
@@ -138,8 +138,7 @@ def test_task_registry_and_reference_defaults():
   assert d["tts"].s2a_temperature == 1.5 and d["tts"].rescale_cfg == 0.75
   with pytest.raises(ValueError, match="unknown task 'sing'"):
     decode_tasks.get_task("sing")
-  with pytest.raises(ValueError, match="not wired yet"):
-    decode_tasks.get_task("se")
+  assert decode_tasks.get_task("se").needs_adapter and not decode_tasks.get_task("tts").needs_adapter
 
   @decode_tasks.register_task
   class Echo(decode_tasks.Task):
@@ -293,6 +292,7 @@ def test_masked_nll_does_not_depend_on_padding():
   assert together[1] != pytest.approx(alone, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_stage1_tokens_do_not_depend_on_the_parameter_sharding():
   """Replicated parameters (per-device shard_map) and FSDP-sharded ones (GSPMD under the logical
   rules) decode the same tokens; so does one device."""
@@ -353,3 +353,74 @@ def test_stage1_models_load_from_every_layout(tmp_path):
     model_loading.load_s2a(str(tmp_path / "t2s.safetensors"))
   with pytest.raises(model_loading.ModelFileError, match="no codec files"):
     model_loading.codec_paths(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- long-input windows
+
+
+def test_windows_cover_the_input_on_the_token_grid():
+  from metis_jax.inference import windows
+  assert windows.plan(16000 * 5, 20.0, 1.0) == [windows.Window(0, 80000)]
+  assert windows.plan(16000 * 500, 0.0, 1.0) == [windows.Window(0, 8000000)]
+  n = 16000 * 61 + 123
+  spans = windows.plan(n, 20.0, 1.0)
+  assert spans[0].start == 0 and spans[-1].start + spans[-1].length == n
+  for a, b in zip(spans, spans[1:]):
+    assert b.start % 320 == 0 and b.start - a.start == 19 * 50 * 320   # hop = window - overlap
+    assert a.start + a.length - b.start >= 50 * 320                     # at least the overlap
+    assert a.length == 20 * 50 * 320 + 80                               # exactly 1000 tokens
+  assert spans[-1].length > 50 * 320
+  with pytest.raises(ValueError, match="overlap"):
+    windows.plan(n, 2.0, 2.0)
+
+
+def test_crossfade_join_restores_a_signal_cut_into_overlapping_windows():
+  from metis_jax.inference import windows
+  rng = np.random.default_rng(0)
+  signal = rng.standard_normal(24000 * 9).astype(np.float32)
+  spans = windows.plan(16000 * 9, 3.0, 0.5)
+  assert len(spans) == 4
+  pieces = [signal[w.start_token * 480:(w.start_token + w.length // 320) * 480] for w in spans]
+  offsets = [w.start_token * 480 for w in spans]
+  joined = windows.crossfade_join(pieces, offsets)
+  np.testing.assert_allclose(joined, signal[:len(joined)], rtol=0, atol=1e-6)
+  assert len(joined) >= len(signal) - 480
+  # one piece passes unchanged; two different constants cross over linearly, without a step
+  np.testing.assert_array_equal(windows.crossfade_join([signal[:100]], [0]), signal[:100])
+  ramp = windows.crossfade_join([np.zeros(300), np.ones(300)], [0, 200])
+  assert ramp.shape == (500,) and (ramp[:200] == 0).all() and (ramp[300:] == 1).all()
+  np.testing.assert_allclose(ramp[200:300], (np.arange(100) + 0.5) / 100, atol=1e-6)
+
+
+def test_condition_features_one_waveform_and_batch_agree():
+  from metis_jax.frontend import condition_features as cf
+  from metis_jax.data import tokenizer as tokenizer_lib
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal(16000).astype(np.float32), rng.standard_normal(12345).astype(np.float32)
+  fa = cf.condition_features("cheap", a)
+  assert fa.shape == (49, 160)  # the SSL token count of 1 s
+  np.testing.assert_array_equal(cf.condition_features("log_mel", a), fa)  # an alias
+  # the k-means tokenizer's own (JAX) features
+  ref, _ = tokenizer_lib.features_jit(a[None], np.array([16000]))
+  np.testing.assert_allclose(fa, np.asarray(ref)[0], atol=2e-3)
+  batch = np.zeros((2, 16000), np.float32)
+  batch[0], batch[1, :len(b)] = a, b
+  feats, lengths = cf.condition_features("cheap", batch, np.array([16000, len(b)]))
+  assert list(lengths) == [49, int(((len(b) - 400) // 160 + 2) // 2)]
+  np.testing.assert_allclose(feats[0], fa, atol=1e-5)
+  with pytest.raises(cf.ConditionFeatureError, match="w2v-BERT"):
+    cf.condition_features("w2v_bert", a)
+  with pytest.raises(cf.ConditionFeatureError, match="unknown condition feature"):
+    cf.condition_features("mfcc", a)
+
+
+def test_finetuned_models_load_from_released_files(parity_dir):
+  d = os.path.join(parity_dir, "metis_ft_adapter_lora")
+  m = model_loading.load_stage1(os.path.join(d, "base.safetensors"),
+                                lora=os.path.join(d, "lora.safetensors"),
+                                adapter=os.path.join(d, "adapter.safetensors"))
+  assert (m.config.cond_feature_dim, m.config.adapter_gated) == (80, True) and "adapter" in m.params
+  full = model_loading.load_stage1(os.path.join(parity_dir, "metis_ft_l2s", "weights.safetensors"))
+  assert (full.config.cond_feature_dim, full.config.adapter_gated) == (768, False)
+  with pytest.raises(FileNotFoundError, match="--lora"):
+    model_loading.load_stage1(os.path.join(d, "base.safetensors"), lora="/nonexistent/l.safetensors")

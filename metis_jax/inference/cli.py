@@ -11,11 +11,29 @@ Many examples, one JSON object per line (paths relative to the manifest):
   python -m metis_jax.decode --task tts --manifest test.jsonl --output_dir out/ [model flags]
   {"id": "a1", "prompt_wav": "p.wav", "prompt_text": "...", "text": "...", "language": "en",
    "target_seconds": 4.0, "reference_wav": "gt.wav"}
-  (resynth: {"wav": "clip.wav"}; continue: {"prompt_wav": ..., "target_seconds": ...})
+  (resynth: {"wav": "clip.wav"}; continue: {"prompt_wav": ..., "target_seconds": ...};
+   se: {"wav": "noisy.wav", "reference_wav": "clean.wav"}; tse: {"wav": "mixture.wav",
+   "prompt_wav": "enrollment.wav"}; vc: {"wav": "source.wav", "prompt_wav": "voice.wav"};
+   l2s: {"visual_features": "lips.npy", "prompt_wav": "voice.wav"})
+
+Fine-tuned tasks (se, tse, vc, l2s, omni), e.g.:
+  python -m metis_jax.decode --task tse --model metis_base/model.safetensors \
+      --lora metis_tse/metis_tse_lora_32.safetensors \
+      --adapter metis_tse/metis_tse_lora_32_adapter.safetensors [S2A, codec, tokenizer flags] \
+      --wav mixture.wav --prompt_wav enrollment.wav --out target.wav
+  (L2S / Omni: --model the full checkpoint; Omni: --task omni --omni_task se|tse|vc|tts.)
+The condition is the model's `cond_feature` (default w2v-BERT 2.0 layer 17, computed by the
+w2v-BERT tokenizer's encoder) of the input (se) or of concat(prompt, input) as one waveform
+(tse, vc). Inputs longer than --window_seconds (20) run in windows overlapping by
+--window_overlap_seconds (1), each one ordinary call, joined by a linear crossfade of their
+waveforms (inference/windows.py). Defaults: se / tse 10 steps cfg 0, vc 20 steps cfg 1,
+l2s 25 steps cfg 2.5 (spec §6), all overridable.
 
 Writes one 24 kHz wav per example (`<output_dir>/<id>.wav`, or the line's
 "out"), a JSON-lines report (one object per example: status, error, duration,
-RTF, metrics) and a summary table; a failed example (missing or corrupt
+RTF, metrics), `report.html` beside it (players and spectrograms of input,
+prompt, output and reference, measures, summary table; offline) and a
+summary table; a failed example (missing or corrupt
 file, empty text, unknown language, prompt too long) is reported and the
 others still complete. Exit status: 0 all done, 1 some failed, 2 nothing ran.
 
@@ -63,9 +81,16 @@ import numpy as np
 _BOOL, _STR, _INT, _FLOAT, _LIST, _ENUM = "bool", "str", "int", "float", "list", "enum"
 FLAG_SPECS = (
     # Task and models.
-    ("task", _STR, "tts", "Task: continue, tts, resynth (decode_tasks.TASKS)."),
+    ("task", _STR, "tts", "Task: continue, tts, resynth, se, tse, vc, l2s, omni (inference.tasks.TASKS)."),
+    ("omni_task", _ENUM, "tts", "What an Omni model (--task omni) does.", ["tts", "se", "tse", "vc"]),
     ("model", _STR, None, "Stage-1 model (T2S / Metis): an Amphion .safetensors, a folder from "
-     "metis_jax.convert, or a training workdir. Optional for resynth (then used for NLL)."),
+     "metis_jax.convert, or a training workdir. Optional for resynth (then used for NLL). Fine-tunes: "
+     "the Metis base file with --lora and --adapter (merged once at load), or one full checkpoint "
+     "(L2S, Omni)."),
+    ("lora", _STR, None, "Released LoRA file of a fine-tune (metis_*_lora_32.safetensors), merged into "
+     "--model at load."),
+    ("adapter", _STR, None, "Released adapter file of a fine-tune (metis_*_lora_32_adapter.safetensors)."),
+    ("lora_alpha", _FLOAT, None, "LoRA alpha when the file does not say it (released: 2 x rank)."),
     ("s2a_full", _STR, None, "S2A model rendering the codec layers (safetensors or converted folder)."),
     ("s2a_1layer", _STR, None, "S2A model for codec layer 0 (needed when --s2a_full does not predict it)."),
     ("codec", _STR, None, "Folder with the acoustic codec files (encoder.safetensors + "
@@ -79,7 +104,9 @@ FLAG_SPECS = (
     ("text", _STR, None, "Text to say (one example)."),
     ("prompt_wav", _STR, None, "Prompt audio, any rate / channels (one example)."),
     ("prompt_text", _STR, None, "Transcript of the prompt (tts)."),
-    ("wav", _STR, None, "Clip to re-render (resynth)."),
+    ("wav", _STR, None, "Input audio: the clip to re-render (resynth), the noisy speech (se), the "
+     "mixture (tse), the source speech (vc)."),
+    ("visual_features", _STR, None, "l2s: .npy of [frames, 768] visual features at 25 fps."),
     ("reference_wav", _STR, None, "Ground-truth speech of the target, for NLL (optional)."),
     ("out", _STR, None, "Output wav (one example)."),
     ("manifest", _STR, None, "JSON lines, one example each (instead of the single-example flags)."),
@@ -96,6 +123,9 @@ FLAG_SPECS = (
      "example's prompt.", ["previous", "original"]),
     ("max_prompt_seconds", _FLOAT, 20.0, "Longer prompts are refused (the models saw 3-30 s clips)."),
     ("prompt_seconds", _FLOAT, 3.0, "resynth: seconds at the start of the clip used as prompt."),
+    ("window_seconds", _FLOAT, 20.0, "se/tse/vc: inputs longer than this run in overlapping windows, "
+     "crossfaded in the waveform (0 = one call whatever the length)."),
+    ("window_overlap_seconds", _FLOAT, 1.0, "se/tse/vc: overlap of neighbouring windows."),
     # Decoding.
     ("recipe", _ENUM, "metis", "Reference defaults: metis, or maskgct (S2A [25,10,1x10], CFG 2.5 for both).",
      ["metis", "maskgct"]),
@@ -128,6 +158,8 @@ FLAG_SPECS = (
     ("process_id", _INT, None, "This process's index in [0, num_processes)."),
     # Evaluation.
     ("evaluate", _BOOL, True, "Compute metrics where references exist (NLL, SI-SNR, mel distance)."),
+    ("html_report", _BOOL, True, "Also write report.html beside the report: players, spectrograms, "
+     "measures (its audio and images in <report>_files/)."),
     ("asr_hook", _STR, None, "ASR for WER: 'module:factory', factory(weights)(wav, rate, lang) -> text."),
     ("asr_weights", _STR, None, "Weights the ASR factory loads."),
     ("speaker_hook", _STR, None, "Speaker embedding: 'module:factory', factory(weights)(wav, rate) -> vector."),
@@ -185,9 +217,11 @@ class UsageError(ValueError):
 
 # ----------------------------------------------------------------------------- examples
 
-EXAMPLE_FIELDS = ("id", "text", "prompt_wav", "prompt_text", "wav", "source_wav", "reference_wav",
-                  "language", "prompt_language", "target_seconds", "prompt_seconds", "out")
-PATH_FIELDS = ("prompt_wav", "wav", "source_wav", "reference_wav")
+EXAMPLE_FIELDS = ("id", "text", "prompt_wav", "prompt_text", "wav", "source_wav", "noisy_wav",
+                  "mixture_wav", "reference_wav", "visual_features", "language", "prompt_language",
+                  "target_seconds", "prompt_seconds", "out")
+PATH_FIELDS = ("prompt_wav", "wav", "source_wav", "noisy_wav", "mixture_wav", "reference_wav",
+               "visual_features")
 
 
 def read_examples(args: Args):
@@ -229,7 +263,8 @@ def read_examples(args: Args):
     return examples, bad
   if not args.out:
     raise UsageError("give --out (one example) or --manifest and --output_dir")
-  fields = {k: args.values.get(k) for k in ("text", "prompt_wav", "prompt_text", "wav", "reference_wav")}
+  fields = {k: args.values.get(k) for k in ("text", "prompt_wav", "prompt_text", "wav", "reference_wav",
+                                            "visual_features")}
   fields = {k: v for k, v in fields.items() if v is not None}
   ex_id = os.path.splitext(os.path.basename(args.out))[0]
   # One example: its random stream does not depend on the output's name.
@@ -277,7 +312,7 @@ def build_engine(args: Args, task):
   """Loads the models named by the flags -> SpeechEngine."""
   import jax  # pylint: disable=g-import-not-at-top
   from metis_jax.inference import engine as decode_engine, decoding, model_loading, s2a_decoding  # pylint: disable=g-import-not-at-top
-  d = decode_defaults(args, task.name)
+  d = decode_defaults(args, task.defaults_name)
   layout = make_layout(args)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else None)
   missing = [f"--{n}" for n in ("s2a_full", "tokenizer") if not args.values.get(n)]
@@ -285,6 +320,8 @@ def build_engine(args: Args, task):
     missing.append("--codec (or --codec_encoder and --codec_decoder)")
   if task.uses_stage1 and not args.model:
     missing.append("--model")
+  if (args.lora or args.adapter) and not args.model:
+    missing.append("--model (the base model --lora / --adapter apply to)")
   if missing:
     raise UsageError(f"task {task.name!r} needs {', '.join(missing)}")
   try:
@@ -293,7 +330,8 @@ def build_engine(args: Args, task):
                                      None if args.codec else args.codec_decoder, dtype)
     full = model_loading.load_s2a(args.s2a_full, dtype)
     first = model_loading.load_s2a(args.s2a_1layer, dtype) if args.s2a_1layer else None
-    stage1 = model_loading.load_stage1(args.model, dtype) if args.model else None
+    stage1 = (model_loading.load_stage1(args.model, dtype, lora=args.lora, adapter=args.adapter,
+                                        lora_alpha=args.lora_alpha) if args.model else None)
   except (OSError, ValueError) as e:
     raise UsageError(str(e)) from e
   if not full.config.predicts_first_layer and first is None:
@@ -348,9 +386,11 @@ def _file_stamp(path: Optional[str]):
 
 def cached_engine(args: Args, task):
   """`build_engine`, reusing the previous engine when files and options are unchanged."""
-  d = decode_defaults(args, task.name)
-  names = ("model", "s2a_full", "s2a_1layer", "codec", "codec_encoder", "codec_decoder", "tokenizer")
-  key = (tuple(_file_stamp(args.values.get(n)) for n in names), d, args.dtype, args.batch_size,
+  d = decode_defaults(args, task.defaults_name)
+  names = ("model", "lora", "adapter", "s2a_full", "s2a_1layer", "codec", "codec_encoder", "codec_decoder",
+           "tokenizer")
+  key = (tuple(_file_stamp(args.values.get(n)) for n in names), args.lora_alpha, d, args.dtype,
+         args.batch_size,
          args.token_quantum, args.phone_quantum, args.prompt_context, args.mesh_data, args.mesh_fsdp,
          args.mesh_tensor, args.devices_per_process)
   if key not in _ENGINE_CACHE:
@@ -440,8 +480,15 @@ class _Run:
     from metis_jax.frontend import g2p as g2p_lib
     self.args, self.stream = args, stream
     self.t_start = time.perf_counter()
+    settings = decode_tasks.TaskSettings(
+        language=args.language, prompt_language=args.prompt_language,
+        target_seconds=args.target_seconds, length_rule=args.length_rule,
+        chunk_seconds=args.chunk_seconds, max_prompt_seconds=args.max_prompt_seconds,
+        prompt_seconds=args.prompt_seconds, window_seconds=args.window_seconds,
+        window_overlap_seconds=args.window_overlap_seconds, omni_task=args.omni_task)
     try:
       self.task = decode_tasks.get_task(args.task)
+      self.task.configure(settings)
     except ValueError as e:
       raise UsageError(str(e)) from e
     examples, bad = read_examples(args)
@@ -458,6 +505,14 @@ class _Run:
     self.speaker = (evaluation.load_hook(args.speaker_hook, args.speaker_weights)
                     if args.speaker_hook else None)
     uses_phones = self.engine.uses_phones
+    feature_dim = self.engine.feature_dim
+    if self.task.needs_adapter and not feature_dim:
+      raise UsageError(f"{args.model}: task {self.task.name!r} needs a fine-tuned model with a "
+                       "condition adapter (the Metis base file with --lora and --adapter, or a full "
+                       "fine-tuned checkpoint); this one has none")
+    if feature_dim and not self.task.needs_adapter and self.task.uses_stage1:
+      raise UsageError(f"{args.model}: a fine-tuned model with a condition adapter; run it with "
+                       "--task se/tse/vc/l2s, or --task omni --omni_task ... for an Omni model")
     if self.task.needs_text and not uses_phones:
       raise UsageError(f"{args.model}: task {self.task.name!r} needs a phone-conditioned model "
                        "(MaskGCT T2S, Metis TTS); this one has no phone condition")
@@ -470,11 +525,8 @@ class _Run:
         g2p_lib.setup_espeak()
       except (OSError, ValueError, ImportError) as e:
         raise UsageError(str(e)) from e
-    settings = decode_tasks.TaskSettings(
-        language=args.language, prompt_language=args.prompt_language,
-        target_seconds=args.target_seconds, length_rule=args.length_rule,
-        chunk_seconds=args.chunk_seconds, max_prompt_seconds=args.max_prompt_seconds,
-        prompt_seconds=args.prompt_seconds)
+    if feature_dim:
+      settings.visual_feature_dim = feature_dim
     self.ctx = decode_tasks.Context(settings, lambda: g2p, uses_phones, self.engine.stage1 is not None)
     # Process 0 writes the report (its own rows as they come, everyone's at the end).
     self.report = evaluation.Report(report_path(args) if self.primary else None)
@@ -519,6 +571,7 @@ class _Run:
     self.progress.sync(self.layout)
     self.keys = {j.example.id: _keys(self.args.seed, j.example.stream_name) for j in self.jobs}
     self.encode()
+    self.condition()
     if self.args.evaluate and self.engine.stage1 is not None:
       self.score_references()
     self.generate()
@@ -548,15 +601,45 @@ class _Run:
       else:
         j.reference_semantic = tok
     for j in self.jobs:
-      if j.error is None and j.prompt_semantic is not None and len(j.prompt_semantic) == 0:
+      if (j.error is None and j.prompt_semantic is not None and len(j.prompt_semantic) == 0
+          and j.prompt_wav16 is not None):
         j.error = "prompt_wav: too short to give any SSL token"
       if j.error is None and j.target_tokens < 1:
         j.error = "nothing to generate (0 target tokens)"
 
+  def condition(self) -> None:
+    """The condition frames of adapter tasks: features of each chunk's audio (se / tse / vc) or its
+    given frames (l2s), over [prompt; target]; each chunk's target length follows from them."""
+    if not self.engine.feature_dim:
+      return
+    slots = [(j, c) for j in self.jobs if j.error is None for c in j.chunks
+             if c.condition_wav16 is not None]
+    # Collective: called even when this process has nothing to compute.
+    try:
+      feats = self.engine.condition_features([c.condition_wav16 for _, c in slots], self.account(
+          [(j, len(c.condition_wav16) // 320) for j, c in slots]))
+    except ValueError as e:
+      raise UsageError(str(e)) from e
+    for (j, c), f in zip(slots, feats):
+      c.features = f
+      c.condition_wav16 = None
+      c.tokens = len(f) - len(j.prompt_semantic)
+    for j in self.jobs:
+      if j.error is not None:
+        continue
+      for c in j.chunks:
+        if c.target_features is not None:
+          c.features = _condition_frames(len(j.prompt_semantic), c.target_features)
+          c.tokens = len(c.target_features)
+      if any(c.tokens < 1 for c in j.chunks if c.features is not None):
+        j.error = "the input is too short: no frame to generate after the prompt"
+
   def score_references(self) -> None:
     """NLL of the references' SSL tokens under the stage-1 model (independent of the outputs)."""
     scored = [j for j in self.jobs if j.error is None and j.reference_semantic is not None
-              and len(j.reference_semantic) and j.prompt_semantic is not None]
+              and len(j.reference_semantic) and j.prompt_semantic is not None
+              # adapter tasks: the frames of one call (windowed inputs are not scored)
+              and (len(j.chunks) == 1 or j.chunks[0].features is None)]
     items = [_nll_item(j, self.engine, self.keys[j.example.id]) for j in scored]
     try:
       for j, nll in zip(scored, self.engine.masked_nll(items)):
@@ -566,31 +649,35 @@ class _Run:
         j.info["evaluation_error"] = f"NLL: {type(e).__name__}: {e}"
 
   def generate(self) -> None:
-    """Round r generates chunk r of every job that has one (prompted by chunk r - 1)."""
+    """Round r generates chunk r of every job that has one (prompted by chunk r - 1); the
+    independent chunks of a job (windows of one input) all go in round 0."""
     live = [j for j in self.jobs if j.error is None]
     mode = self.args.chunk_prompt
-    rounds = max((len(j.chunks) for j in live), default=0)
+    rounds = max((1 if j.independent_chunks else len(j.chunks) for j in live), default=0)
     rounds = int(self.layout.allgather(np.asarray([rounds], np.int32)).max())
     for r in range(rounds):
-      active = [j for j in live if j.error is None and len(j.chunks) > r]
-      need = [j for j in active if j.chunks[r].semantic is None]
+      units = [(j, c) for j in live if j.error is None for c in _round_chunks(j, r)]
+      need = [(j, c) for j, c in units if j.chunks[c].semantic is None]
       # With a stage-1 model the call is collective (made with or without jobs of this process).
       if need or self.engine.stage1 is not None:
-        items = [_stage1_item(j, r, mode, self.engine, self.keys[j.example.id]) for j in need]
-        out = self._guarded("stage 1", need, lambda: self.engine.semantic(
-            items, self.account([(j, j.chunks[r].tokens) for j in need])))
-        for j, tok in zip(need, out):
+        items = [_stage1_item(j, c, mode, self.engine, self.keys[j.example.id]) for j, c in need]
+        out = self._guarded("stage 1", [j for j, _ in need], lambda: self.engine.semantic(
+            items, self.account([(j, j.chunks[c].tokens) for j, c in need])))
+        for (j, c), tok in zip(need, out):
           if tok is not None:
-            j.chunks[r].semantic = tok
-      active = [j for j in active if j.error is None]
-      items = [_render_item(j, r, mode, self.keys[j.example.id]) for j in active]
-      out = self._guarded("rendering", active, lambda: self.engine.render(
-          items, self.account([(j, j.chunks[r].tokens) for j in active])))
-      for j, res in zip(active, out):
+            j.chunks[c].semantic = tok
+      units = [(j, c) for j, c in units if j.error is None]
+      items = [_render_item(j, c, mode, self.keys[j.example.id]) for j, c in units]
+      out = self._guarded("rendering", [j for j, _ in units], lambda: self.engine.render(
+          items, self.account([(j, j.chunks[c].tokens) for j, c in units])))
+      done = []
+      for (j, c), res in zip(units, out):
         if res is not None:
-          j.chunks[r].audio, j.chunks[r].codes = res
-          if r == len(j.chunks) - 1:
-            self.finish(j)
+          j.chunks[c].audio, j.chunks[c].codes = res
+          if j.error is None and all(ch.audio is not None for ch in j.chunks) and j not in done:
+            done.append(j)
+      for j in done:
+        self.finish(j)
       self.progress.sync(self.layout)
 
   @staticmethod
@@ -607,7 +694,11 @@ class _Run:
     """Joins the chunks, writes the wav, evaluates, adds the report row."""
     import soundfile  # pylint: disable=g-import-not-at-top
     from metis_jax.inference import engine as decode_engine  # pylint: disable=g-import-not-at-top
-    audio = np.concatenate([c.audio for c in job.chunks]).astype(np.float32)
+    from metis_jax.inference import windows  # pylint: disable=g-import-not-at-top
+    if job.independent_chunks:
+      audio = windows.crossfade_join([c.audio for c in job.chunks], [c.offset for c in job.chunks])
+    else:
+      audio = np.concatenate([c.audio for c in job.chunks]).astype(np.float32)
     out = job.example.out_path
     try:
       os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -628,6 +719,11 @@ class _Run:
         row.update(_metrics(job, audio, self.asr, self.speaker))
       except Exception as e:  # pylint: disable=broad-except
         row["evaluation_error"] = f"{type(e).__name__}: {e}"
+    if self.args.html_report:
+      try:
+        row["media"] = _write_media(job, audio, out, report_path(self.args))
+      except (OSError, RuntimeError, ValueError) as e:
+        row["media_error"] = f"{type(e).__name__}: {e}"
     self.report.add(row)
     self.progress.finished(seconds)
 
@@ -649,12 +745,39 @@ class _Run:
     if self.args.manifest:
       with open(os.path.join(self.args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
+    if self.args.html_report:
+      from metis_jax.inference import evaluation, report_html  # pylint: disable=g-import-not-at-top
+      html_path = os.path.splitext(report_path(self.args))[0] + ".html"
+      try:
+        summary["html"] = report_html.write(html_path, self.report.rows, summary,
+                                            evaluation.SUMMARY_COLUMNS)
+      except OSError as e:
+        self.log(f"{html_path}: cannot write the HTML report ({e})")
     print(self.report.table(), file=self.stream)
     rtf = f"{summary['rtf']:.3f}" if summary["rtf"] else "-"
     self.log(f"{summary['ok']}/{summary['examples']} examples, {summary['audio_seconds']:.1f} s of "
              f"audio in {wall:.1f} s ({summary['examples_per_second']:.2f} examples/s, RTF {rtf}); "
              f"report {summary['report']}")
     return summary
+
+
+def _write_media(job, audio, out_path, report) -> dict:
+  """The example's input, prompt, output and reference as wavs (the output's own file) with their
+  spectrograms, for report.html."""
+  from metis_jax.inference import engine as decode_engine, report_html  # pylint: disable=g-import-not-at-top
+  rate = decode_engine.CODEC_RATE
+  media = {"output": (audio, rate, out_path)}
+  if job.input_wav24 is not None:
+    media["input"] = (job.input_wav24, rate, None)
+  elif job.source_wav16 is not None:
+    media["input"] = (job.source_wav16, decode_engine.SSL_RATE, None)
+  if job.prompt_wav24 is not None:
+    media["prompt"] = (job.prompt_wav24, rate, None)
+  if job.reference_wav24 is not None:
+    media["reference"] = (job.reference_wav24, rate, None)
+  elif job.reference_wav16 is not None:
+    media["reference"] = (job.reference_wav16, decode_engine.SSL_RATE, None)
+  return report_html.write_media(report_html.files_dir(report), job.example.id, media)
 
 
 def _setup_resynth(job, tokens, codes, engine) -> None:
@@ -675,8 +798,20 @@ def _setup_resynth(job, tokens, codes, engine) -> None:
   job.info["prompt_frames"] = p
 
 
+def _round_chunks(job, r: int) -> list:
+  """Indices of the chunks of `job` generated in round r."""
+  if job.independent_chunks:
+    return list(range(len(job.chunks))) if r == 0 else []
+  return [r] if r < len(job.chunks) else []
+
+
+def _condition_frames(prompt_tokens: int, target_features):
+  from metis_jax.inference import tasks as decode_tasks  # pylint: disable=g-import-not-at-top
+  return decode_tasks.condition_frames(prompt_tokens, target_features)
+
+
 def _round_prompt(job, r, mode):
-  if r == 0 or mode == "original":
+  if r == 0 or mode == "original" or job.independent_chunks:
     return job.prompt_semantic, job.prompt_acoustic, job.prompt_phones
   prev = job.chunks[r - 1]
   return prev.semantic, prev.codes, prev.phones
@@ -691,7 +826,7 @@ def _stage1_item(job, r, mode, engine, keys):
     all_phones = np.concatenate([np.zeros((0,), np.int32) if phones is None else phones,
                                  np.zeros((0,), np.int32) if chunk.phones is None else chunk.phones])
   return decode_engine.Stage1Item(prompt=sem, target_len=chunk.tokens,
-                                  key=keys(STAGE1_STREAM, r), phones=all_phones)
+                                  key=keys(STAGE1_STREAM, r), phones=all_phones, features=chunk.features)
 
 
 def _render_item(job, r, mode, keys):
@@ -709,8 +844,13 @@ def _nll_item(job, engine, keys):
   if engine.uses_phones:
     parts = [job.prompt_phones] + [c.phones for c in job.chunks]
     phones = np.concatenate([np.zeros((0,), np.int32)] + [p for p in parts if p is not None])
-  return decode_engine.NLLItem(prompt=job.prompt_semantic, target=job.reference_semantic,
-                               key=keys(NLL_STREAM), phones=phones)
+  target, features = job.reference_semantic, None
+  if job.chunks and job.chunks[0].features is not None:  # adapter tasks: the reference under the condition
+    chunk = job.chunks[0]
+    target = target[:chunk.tokens]
+    features = chunk.features[:len(job.prompt_semantic) + len(target)]
+  return decode_engine.NLLItem(prompt=job.prompt_semantic, target=target,
+                               key=keys(NLL_STREAM), phones=phones, features=features)
 
 
 def _metrics(job, audio, asr, speaker) -> dict:
@@ -720,6 +860,8 @@ def _metrics(job, audio, asr, speaker) -> dict:
   rate = decode_engine.CODEC_RATE
   if job.reference_wav24 is not None and len(job.reference_wav24):
     m["si_snr"] = evaluation.si_snr(audio, job.reference_wav24)
+    if job.input_wav24 is not None:  # se / tse: the input's own score, for the improvement
+      m["si_snr_input"] = evaluation.si_snr(job.input_wav24, job.reference_wav24)
     m["mel_distance"] = evaluation.mel_distance(audio, job.reference_wav24, rate)
     m.update(evaluation.optional_metrics(audio, job.reference_wav24, rate))
   if asr is not None and job.text:

@@ -185,6 +185,41 @@ def lengths_to_valid(lengths: jax.Array, size: int) -> jax.Array:
   return jnp.arange(size)[None, :] < lengths[:, None]
 
 
+def split_features(features: jax.Array, prompt_lengths: jax.Array, prompt_len: int,
+                   target_len: int) -> tuple[jax.Array, jax.Array]:
+  """Contiguous per-sample frames -> the decoder's padded [prompt | target] slots.
+
+  Args:
+    features: `[batch, feature_len, dim]`; row i: prompt_lengths[i] prompt frames, then its
+      target frames.
+    prompt_lengths: `[batch]` int.
+    prompt_len, target_len: static slot sizes.
+
+  Returns:
+    (`[batch, prompt_len, dim]`, `[batch, target_len, dim]`); frames past the
+    input are zero (those slots are padding).
+  """
+  features = jnp.asarray(features)
+  size = features.shape[1]
+  prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  prompt_idx = jnp.broadcast_to(jnp.arange(prompt_len)[None, :], (features.shape[0], prompt_len))
+  target_idx = prompt_lengths[:, None] + jnp.arange(target_len)[None, :]
+
+  def gather(idx, keep):
+    rows = jnp.take_along_axis(features, jnp.clip(idx, 0, max(size - 1, 0))[..., None], axis=1)
+    return jnp.where((keep & (idx < size))[..., None], rows, 0).astype(features.dtype)
+
+  return (gather(prompt_idx, prompt_idx < prompt_lengths[:, None]),
+          gather(target_idx, jnp.ones_like(target_idx, bool)))
+
+
+def without_adapter(params):
+  """`params` with the adapter's output layer zeroed: its output is exactly 0."""
+  adapter = dict(params["adapter"])
+  adapter["out_linear"] = jax.tree.map(jnp.zeros_like, adapter["out_linear"])
+  return {**params, "adapter": adapter}
+
+
 class MetisDecoder:
   """Generates SSL tokens with the stage-1 model.
 
@@ -208,7 +243,7 @@ class MetisDecoder:
 
   def __call__(self, params, rng, prompt_tokens, prompt_lengths, target_lengths, *,
                target_len: int, phones=None, phone_lengths=None, prompt_features=None,
-               target_features=None):
+               target_features=None, features=None):
     """Decodes a batch.
 
     Args:
@@ -222,12 +257,25 @@ class MetisDecoder:
       target_len: static size of the target slot.
       phones: `[batch, phone_len]` int, left-aligned (phone models).
       phone_lengths: `[batch]` int.
-      prompt_features: `[batch, prompt_len, cond_dim]` (adapter models).
-      target_features: `[batch, target_len, cond_dim]` (adapter models).
+      prompt_features: `[batch, prompt_len, cond_dim]` (adapter models), slot-aligned.
+      target_features: `[batch, target_len, cond_dim]` (adapter models), slot-aligned.
+      features: `[batch, feature_len, cond_dim]` (adapter models; instead of the two
+        above): row i holds its frames over [prompt; target] contiguously,
+        prompt_lengths[i] + target_lengths[i] of them (zero-padded after). Frame
+        j < prompt_lengths[i] conditions prompt token j, frame prompt_lengths[i] + k
+        target token k. The adapter output is added at every position; the CFG
+        pass (target alone) keeps the target's frames.
+      An adapter model called without any features (Omni's TTS) runs with its
+      adapter output set to zero.
 
     Returns:
       `[batch, target_len]` int32 tokens; positions past target_lengths[i] are 0.
     """
+    if features is not None:
+      if prompt_features is not None or target_features is not None:
+        raise ValueError("give `features` or `prompt_features`/`target_features`, not both")
+      prompt_features, target_features = split_features(
+          features, prompt_lengths, prompt_tokens.shape[1], target_len)
     return self._jitted(params, rng, prompt_tokens, prompt_lengths, target_lengths,
                         target_len=target_len, phones=phones, phone_lengths=phone_lengths,
                         prompt_features=prompt_features, target_features=target_features)
@@ -251,6 +299,10 @@ class MetisDecoder:
       phone_valid = lengths_to_valid(phone_lengths, phones.shape[1])
       extra["phones"] = jnp.tile(phones, (copies, 1))
       extra["phone_valid"] = both(phone_valid, jnp.zeros_like(phone_valid))
+    if target_features is None and self.model.config.cond_feature_dim:
+      # No condition (Omni's TTS): zero frames through an adapter whose output layer is zeroed.
+      target_features = jnp.zeros((batch, target_len, self.model.config.cond_feature_dim), jnp.float32)
+      params = without_adapter(params)
     if target_features is not None:
       if prompt_features is None:
         prompt_features = jnp.zeros((batch, prompt_len, target_features.shape[-1]), target_features.dtype)

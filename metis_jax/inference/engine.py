@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from metis_jax.frontend import condition_features as condition_features_lib
 from metis_jax.parallel import batch_layout
 from metis_jax.inference import decoding, evaluation, generation, length_buckets, s2a_decoding
 from metis_jax.inference.model_loading import LoadedModel
@@ -57,6 +58,8 @@ class Stage1Item:
   target_len: int
   key: jax.Array
   phones: Optional[np.ndarray] = None  # [N] ids (phone models; may be empty)
+  # [P + target_len, cond_dim] frame-level condition over [prompt; target] (adapter models).
+  features: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass
@@ -73,6 +76,7 @@ class NLLItem:
   target: np.ndarray
   key: jax.Array
   phones: Optional[np.ndarray] = None
+  features: Optional[np.ndarray] = None  # [P + T, cond_dim] (adapter models)
 
 
 # Called after each batch: (stage name, this process's item indices in the batch, wall seconds,
@@ -251,17 +255,60 @@ class SpeechEngine:
         progress("codec", [with24[j] for j in batch.indices], time.perf_counter() - t0, batch.total)
     return tokens, codes
 
+  @property
+  def condition_kind(self) -> str:
+    """The frame-level feature the stage-1 model's adapter reads (`config.model.cond_feature`)."""
+    return condition_features_lib.kind_of(self.stage1.config) if self.stage1 is not None else ""
+
+  def condition_features(self, wavs16: Sequence[np.ndarray],
+                         progress: Optional[ProgressFn] = None) -> list:
+    """Condition features `[T, cond_dim]` of each 16 kHz waveform (`condition_features`, the
+    model's kind), batched by length. Collective, like `encode_audio`.
+
+    Raises:
+      ValueError: the features cannot be computed with the loaded tokenizer, or do not have the
+        width the model's adapter reads.
+    """
+    o = self.options
+    kind, dim = self.condition_kind, self.feature_dim
+    encoder = self._sharded_tokenizer if self._sharded_tokenizer is not None else self.tokenizer
+    width = condition_features_lib.feature_dim(kind, encoder)
+    if width is not None and width != dim:
+      raise ValueError(f"{self.stage1.source}: the adapter reads {dim}-dim features, but the "
+                       f"model's condition feature {kind!r} has {width} (set model.cond_feature)")
+    out: list = [None] * len(wavs16)
+    q16 = int(o.audio_quantum_seconds * SSL_RATE)
+    for batch in self._plan([(len(w),) for w in wavs16], (q16,)):
+      t0 = time.perf_counter()
+      rows = [wavs16[i] for i in batch.indices]
+      wav = self._stack(rows, batch.shape[0], np.float32)
+      lengths = self._lengths([len(r) for r in rows], batch.shape[0])
+      feats, feat_lengths = condition_features_lib.condition_features(kind, wav, lengths, encoder=encoder)
+      for k, i in enumerate(batch.indices):
+        out[i] = feats[k, :feat_lengths[k]].astype(np.float32)
+      if progress:
+        progress("condition", batch.indices, time.perf_counter() - t0, batch.total)
+    return out
+
   # ---------------------------------------------------------------- stage 1
 
-  def _stage1_fn(self, target_len: int, phones: bool):
-    decoder = self._decoder
+  @property
+  def feature_dim(self) -> int:
+    """Width of the stage-1 model's frame-level condition (0: no adapter)."""
+    return int(self.stage1.config.get("cond_feature_dim", 0) or 0) if self.stage1 is not None else 0
 
-    def fn(params, keys, prompt, prompt_lengths, target_lengths, *phone_args):
-      kwargs = dict(zip(("phones", "phone_lengths"), phone_args))
-      return decoder(params, jax.random.wrap_key_data(keys), prompt, prompt_lengths, target_lengths,
-                     target_len=target_len, **kwargs)
+  def _stage1_fn(self, target_len: int, phones: bool, features: bool):
+    fn = stage1_call(self._decoder, target_len, phones, features)
+    num_args = 4 + 2 * phones + features
+    return self._jitted(f"stage1/{target_len}/{phones}/{features}", fn, self._stage1_shardings, num_args)
 
-    return self._jitted(f"stage1/{target_len}/{phones}", fn, self._stage1_shardings, 6 if phones else 4)
+  def _uses_features(self, items) -> bool:
+    """Whether this batch family carries condition frames (the same answer on every process)."""
+    own = [it.features is not None for it in items]
+    if any(own) and not all(own):
+      raise ValueError("some items have condition features and some do not (one task per run)")
+    mine = np.asarray([1 if any(own) else 0], np.int32)
+    return bool(self.layout.allgather(mine).max()) if self.layout.multiprocess else bool(mine[0])
 
   def semantic(self, items: Sequence[Stage1Item], progress: Optional[ProgressFn] = None) -> list:
     """Generated SSL tokens `[target_len]` per item."""
@@ -269,21 +316,19 @@ class SpeechEngine:
       raise ValueError("no stage-1 model loaded (--model)")
     o = self.options
     phones = self.uses_phones
+    features = self._uses_features(items)
+    if features and not self.feature_dim:
+      raise ValueError(f"{self.stage1.source}: this task needs a model with a condition adapter "
+                       "(a fine-tuned SE/TSE/VC/L2S/Omni model); this one has none")
     out: list = [None] * len(items)
     dims = [(len(it.prompt), it.target_len, len(it.phones) if phones else 0) for it in items]
     quanta = (o.token_quantum, o.token_quantum, o.phone_quantum)
     for batch in self._plan(dims, quanta):
       t0 = time.perf_counter()
       rows = [items[i] for i in batch.indices]
-      p, t, n = batch.shape
-      args = [self._keys([r.key for r in rows]),
-              self._stack([r.prompt for r in rows], p, np.int32),
-              self._lengths([len(r.prompt) for r in rows], p),
-              self._lengths([r.target_len for r in rows], t)]
-      if phones:
-        args += [self._stack([r.phones for r in rows], n, np.int32),
-                 self._lengths([len(r.phones) for r in rows], n)]
-      tokens = self._call(self._stage1_fn(t, phones), self._stage1_params, *args)
+      args = stage1_arrays(rows, batch.shape, self.local_rows, phones,
+                           self.feature_dim if features else 0, self._keys([r.key for r in rows]))
+      tokens = self._call(self._stage1_fn(batch.shape[1], phones, features), self._stage1_params, *args)
       for k, i in enumerate(batch.indices):
         out[i] = tokens[k, :items[i].target_len].astype(np.int32)
       if progress:
@@ -327,17 +372,19 @@ class SpeechEngine:
 
   # ---------------------------------------------------------------- evaluation
 
-  def _nll_fn(self, phones: bool):
+  def _nll_fn(self, phones: bool, features: bool):
     if self._nll is None:
       self._nll = evaluation.make_masked_nll(self.stage1.module)
     nll = self._nll
 
-    def fn(params, keys, prompt, prompt_lengths, target, target_lengths, *phone_args):
-      phone_args = phone_args or (None, None)
+    def fn(params, keys, prompt, prompt_lengths, target, target_lengths, *rest):
+      phone_args = tuple(rest[:2]) if phones else (None, None)
+      feats = rest[-1] if features else None
       return nll(params, jax.random.wrap_key_data(keys), prompt, prompt_lengths, target, target_lengths,
-                 *phone_args)
+                 *phone_args, feats)
 
-    return self._jitted(f"nll/{phones}", fn, self._stage1_shardings, 7 if phones else 5)
+    return self._jitted(f"nll/{phones}/{features}", fn, self._stage1_shardings,
+                        5 + 2 * phones + features)
 
   def masked_nll(self, items: Sequence[NLLItem]) -> list:
     """Mean NLL (nats/token) of each item's target SSL tokens under the stage-1 model."""
@@ -345,6 +392,7 @@ class SpeechEngine:
       raise ValueError("no stage-1 model loaded (--model)")
     o = self.options
     phones = self.uses_phones
+    features = self._uses_features(items)
     out: list = [None] * len(items)
     dims = [(len(it.prompt), len(it.target), len(it.phones) if phones else 0) for it in items]
     quanta = (o.token_quantum, o.token_quantum, o.phone_quantum)
@@ -359,10 +407,59 @@ class SpeechEngine:
       if phones:
         args += [self._stack([r.phones for r in rows], n, np.int32),
                  self._lengths([len(r.phones) for r in rows], n)]
-      nll = self._call(self._nll_fn(phones), self._stage1_params, *args)
+      if features:
+        args.append(_stack_features([r.features for r in rows], p + t, self.local_rows, self.feature_dim))
+      nll = self._call(self._nll_fn(phones, features), self._stage1_params, *args)
       for k, i in enumerate(batch.indices):
         out[i] = float(nll[k])
     return out
+
+
+def stage1_arrays(rows: Sequence[Stage1Item], shape: tuple, local_rows: int, phones: bool,
+                  feature_dim: int, keys: np.ndarray) -> list:
+  """The stage-1 batch of `rows` padded to `shape` = (prompt, target, phones) sizes.
+
+  Returns numpy arrays, `[local_rows, ...]` each: keys, prompt `[., P]`, prompt
+  lengths, target lengths, then phones `[., N]` and phone lengths (phone
+  models), then features `[., P + T, feature_dim]` (contiguous [prompt; target]
+  frames per row; when feature_dim > 0). Missing rows repeat the last one.
+  """
+  p, t, n = shape
+  stack = lambda xs, size, dtype: (length_buckets.stack_padded(xs, size, local_rows, dtype) if xs
+                                   else np.zeros((local_rows, size), dtype))
+  lengths = lambda xs, full: length_buckets.pad_lengths(list(xs) or [full], local_rows)
+  args = [keys, stack([r.prompt for r in rows], p, np.int32), lengths([len(r.prompt) for r in rows], p),
+          lengths([r.target_len for r in rows], t)]
+  if phones:
+    args += [stack([r.phones for r in rows], n, np.int32), lengths([len(r.phones) for r in rows], n)]
+  if feature_dim:
+    args.append(_stack_features([r.features for r in rows], p + t, local_rows, feature_dim))
+  return args
+
+
+def _stack_features(rows, size: int, local_rows: int, dim: int) -> np.ndarray:
+  """`[local_rows, size, dim]` float32 frames (zero-padded; missing rows repeat the last)."""
+  for r in rows:
+    if r is None or r.ndim != 2 or r.shape[1] != dim:
+      raise ValueError(f"condition features must be [frames, {dim}], got "
+                       f"{None if r is None else r.shape}")
+  if not rows:
+    return np.zeros((local_rows, size, dim), np.float32)
+  return length_buckets.stack_padded(rows, size, local_rows, np.float32)
+
+
+def stage1_call(decoder: decoding.MetisDecoder, target_len: int, phones: bool, features: bool):
+  """fn(params, keys, prompt, prompt_lengths, target_lengths[, phones, phone_lengths][, features])
+  -> `[batch, target_len]` tokens: the arrays of `stage1_arrays` through `decoder`."""
+
+  def fn(params, keys, prompt, prompt_lengths, target_lengths, *rest):
+    kwargs = dict(zip(("phones", "phone_lengths"), rest[:2])) if phones else {}
+    if features:
+      kwargs["features"] = rest[-1]
+    return decoder(params, jax.random.wrap_key_data(keys), prompt, prompt_lengths, target_lengths,
+                   target_len=target_len, **kwargs)
+
+  return fn
 
 
 def _columns(codes: np.ndarray, q: int) -> np.ndarray:

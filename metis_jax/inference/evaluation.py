@@ -8,9 +8,11 @@ Where a reference exists:
     stage-1 model, given the prompt (and phones): the mean cross-entropy at
     masked positions over fixed mask ratios gamma(t) = sin(pi t / 2), t in
     `NLL_TIMES`, with the masks drawn from the example's key;
-  * for tasks with a time-aligned clean reference (resynthesis): SI-SNR (dB)
-    and log-mel distance (mean |log mel_a - log mel_b|, 80 bins, 24 kHz), and
-    STOI / PESQ when `pystoi` / `pesq` are installed (optional imports).
+  * for tasks with a time-aligned clean reference (resynthesis, SE, TSE):
+    SI-SNR (dB; for SE / TSE also the input's, `si_snr_input`) and log-mel
+    distance (mean |log mel_a - log mel_b|, 80 bins, 24 kHz), and STOI / PESQ
+    when `pystoi` / `pesq` are installed (optional imports).
+  Adapter models (SE, TSE, VC, L2S) score the reference under their condition.
 Hooks, loaded from `module:factory` strings and the weights they are pointed
 at: an ASR model (`factory(weights)(wav, sample_rate, language) -> text`)
 gives the word error rate against the text said, a speaker-embedding model
@@ -145,14 +147,18 @@ def load_hook(spec: str, weights: Optional[str] = None) -> Callable:
 
 def make_masked_nll(model, times: Sequence[float] = NLL_TIMES, schedule: str = "sine"):
   """A jitted fn(params, keys, prompt, prompt_lengths, target, target_lengths, phones,
-  phone_lengths) -> `[batch]` mean NLL (nats/token) of `target` under the stage-1 model.
+  phone_lengths, features=None) -> `[batch]` mean NLL (nats/token) of `target` under the
+  stage-1 model.
 
   The layout matches `decoding.MetisDecoder` ([phones | prompt | target],
-  compact RoPE positions); `phones` may be None for models without phones.
+  compact RoPE positions); `phones` may be None for models without phones;
+  `features` `[batch, frames, cond_dim]` are the adapter models' contiguous
+  [prompt; target] condition frames (as `MetisDecoder`'s `features`).
   """
   ratios = masking.mask_ratio(np.asarray(times, np.float32), schedule).astype(np.float32)
 
-  def fn(params, keys, prompt, prompt_lengths, target, target_lengths, phones, phone_lengths):
+  def fn(params, keys, prompt, prompt_lengths, target, target_lengths, phones, phone_lengths,
+         features=None):
     batch, p = prompt.shape
     t_len = target.shape[1]
     prompt_valid = decoding.lengths_to_valid(prompt_lengths, p)
@@ -162,6 +168,12 @@ def make_masked_nll(model, times: Sequence[float] = NLL_TIMES, schedule: str = "
     extra = {}
     if phones is not None:
       extra = dict(phones=phones, phone_valid=decoding.lengths_to_valid(phone_lengths, phones.shape[1]))
+    if features is None and model.config.cond_feature_dim:  # Omni's TTS: no adapter output
+      features = jnp.zeros((batch, p + t_len, model.config.cond_feature_dim), jnp.float32)
+      params = decoding.without_adapter(params)
+    if features is not None:
+      extra["features"] = jnp.concatenate(decoding.split_features(features, prompt_lengths, p, t_len),
+                                          axis=1)
     total = jnp.zeros((batch,), jnp.float32)
     for k, (t, ratio) in enumerate(zip(times, ratios)):
       scores = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, k), (t_len,)))(keys)
@@ -184,7 +196,8 @@ def make_masked_nll(model, times: Sequence[float] = NLL_TIMES, schedule: str = "
 # Columns of the summary table: (key, header, format).
 SUMMARY_COLUMNS = (
     ("seconds", "audio s", "{:.2f}"), ("rtf", "RTF", "{:.3f}"), ("nll", "NLL", "{:.3f}"),
-    ("si_snr", "SI-SNR dB", "{:.2f}"), ("mel_distance", "mel dist", "{:.3f}"),
+    ("si_snr", "SI-SNR dB", "{:.2f}"), ("si_snr_input", "input SI-SNR", "{:.2f}"),
+    ("mel_distance", "mel dist", "{:.3f}"),
     ("stoi", "STOI", "{:.3f}"), ("pesq", "PESQ", "{:.2f}"), ("wer", "WER", "{:.3f}"),
     ("speaker_similarity", "spk sim", "{:.3f}"))
 

@@ -6,7 +6,10 @@ Stage-1 (T2S / Metis) and S2A models come from any of:
   * a folder written by `python -m metis_jax.convert` (`model_config.json` +
     Orbax `params/`);
   * a training workdir (`config.json` + `checkpoints/<step>/state`): the
-    newest step's parameters.
+    newest step's parameters;
+  * fine-tunes (SE / TSE / VC): the released base file + LoRA + adapter
+    files, merged once at load; L2S / Omni: one full checkpoint whose
+    `cond_adapter` keys mark it (`conversion.finetune`).
 The acoustic codec from its two safetensors files (Amphion's
 `acoustic_codec/model.safetensors` + `model_1.safetensors`, or what
 `metis_jax.codec_train` writes, `encoder.safetensors` + `decoder.safetensors`),
@@ -95,9 +98,60 @@ def _set_dtype(model: ml_collections.ConfigDict, dtype: Optional[str]) -> ml_col
   return model
 
 
-def load_stage1(path: str, dtype: Optional[str] = None) -> LoadedModel:
-  """The stage-1 model (T2S / Metis) at `path`; `dtype` overrides the compute dtype."""
-  model, params = _read_params(path, "metis")
+def _has_adapter_keys(path: str) -> bool:
+  """Whether a safetensors file holds a condition adapter (a full fine-tuned checkpoint)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return any(k.split(".")[0] == "cond_adapter" or k.startswith("model.cond_adapter.")
+                 for k in f.keys())
+  except Exception as e:  # pylint: disable=broad-except
+    raise ModelFileError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _finetune_module(path: str):
+  try:
+    from metis_jax.conversion import finetune  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ModelFileError(f"{path}: fine-tuned files need metis_jax.conversion.finetune ({e})") from e
+  return finetune
+
+
+def _read_finetune(path: str, lora: Optional[str], adapter: Optional[str], lora_alpha: Optional[float]):
+  """-> (model config, params) of a fine-tune: base + LoRA + adapter files (merged), or one full
+  checkpoint with its adapter; None when `path` is neither (an ordinary stage-1 model)."""
+  if lora or adapter:
+    for flag, p in (("--model", path), ("--lora", lora), ("--adapter", adapter)):
+      if p and not os.path.isfile(p):
+        raise FileNotFoundError(f"{p}: no such file ({flag})")
+    if not path.endswith(".safetensors"):
+      raise ModelFileError(f"{path}: --lora / --adapter apply to the released base .safetensors file")
+    finetune = _finetune_module(path)
+    try:
+      return finetune.load_released(path, lora_path=lora, adapter_path=adapter, merge=True,
+                                    lora_alpha=lora_alpha)
+    except ValueError as e:
+      raise ModelFileError(f"{path} + {lora} + {adapter}: {e}") from e
+  if os.path.isfile(path) and path.endswith(".safetensors") and _has_adapter_keys(path):
+    finetune = _finetune_module(path)
+    try:
+      return finetune.load_full(path)
+    except ValueError as e:
+      raise ModelFileError(f"{path}: {e}") from e
+  return None
+
+
+def load_stage1(path: str, dtype: Optional[str] = None, *, lora: Optional[str] = None,
+                adapter: Optional[str] = None, lora_alpha: Optional[float] = None) -> LoadedModel:
+  """The stage-1 model (T2S / Metis) at `path`; `dtype` overrides the compute dtype.
+
+  Fine-tunes: `path` the released Metis base file with `lora` and / or
+  `adapter` (the LoRA is merged once here, W + (alpha / r) B A), or a full
+  fine-tuned checkpoint (L2S, Omni: its adapter keys say so), or a
+  converted folder / workdir whose config has `cond_feature_dim`.
+  """
+  loaded = _read_finetune(os.path.abspath(os.path.expanduser(path)), lora, adapter, lora_alpha)
+  model, params = loaded if loaded is not None else _read_params(path, "metis")
   if model.get("kind", "metis") != "metis":
     raise ModelFileError(f"{path}: a {model.kind!r} model, not a stage-1 (T2S/Metis) model")
   model = _set_dtype(model, dtype)

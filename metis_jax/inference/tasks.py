@@ -14,8 +14,20 @@ Registered:
   resynth   stage 2 only: the SSL tokens of a clip re-rendered by S2A and the
             codec after its first seconds as acoustic prompt (or another
             clip's), with the clip as a clean reference.
-`DECODE_DEFAULTS` also holds the reference settings of vc, se, tse and l2s
-for the tasks to come (they need the adapter features, spec §8).
+  se        speech enhancement: `wav` (noisy) -> clean speech; no prompt; as
+            many tokens as the input has frames (spec §8).
+  tse       target speaker extraction: `wav` (mixture) + `prompt_wav`
+            (enrollment) -> the prompt speaker's speech in the mixture.
+  vc        voice conversion: `wav` (source) + `prompt_wav` (target speaker).
+            se / tse / vc condition the fine-tuned model (adapter) on
+            frame-level features of 16 kHz audio (`condition_features`): of
+            the input (se), of concat(prompt, input) as ONE waveform (tse,
+            vc; prompt tokens from the prompt alone, target = frames -
+            prompt tokens). Inputs longer than `window_seconds` run in
+            overlapping windows joined in the waveform (`windows`).
+  l2s       lip to speech: `visual_features` (.npy, [frames, 768] at 25 fps)
+            interpolated x2 to 50 Hz, zero frames on the optional prompt.
+  omni      one Omni model serving tts / se / tse / vc (`omni_task`).
 """
 
 import dataclasses
@@ -26,8 +38,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from metis_jax.frontend import g2p as g2p_lib
-from metis_jax.frontend import target_length, text_split
+from metis_jax.frontend import target_length, text_split, visual_features
 from metis_jax.data import audio as audio_lib
+from metis_jax.inference import windows as windows_lib
 
 TOKENS_PER_SECOND = target_length.TOKENS_PER_SECOND
 METIS_S2A_STEPS = (40, 16) + (1,) * 10
@@ -64,6 +77,9 @@ DECODE_DEFAULTS = {
     "tse": DecodeDefaults(steps=10, cfg=0.0),
     "l2s": DecodeDefaults(steps=25, cfg=2.5),
 }
+CONDITION_TASKS = ("se", "tse", "vc")
+OMNI_TASKS = ("tts", "se", "tse", "vc")
+OUTPUT_HOP = 480  # 24 kHz samples per 50 Hz token
 MASKGCT_TTS = DecodeDefaults(steps=25, cfg=2.5, s2a_steps=MASKGCT_S2A_STEPS, s2a_first_steps=25,
                              s2a_first_cfg=2.5)
 
@@ -79,6 +95,10 @@ class TaskSettings:
   max_prompt_seconds: float = 20.0
   prompt_seconds: float = 3.0        # resynth: head of the clip used as prompt
   min_target_seconds: float = 0.5   # resynth: the shortest rest of the clip worth rendering
+  window_seconds: float = 20.0      # se / tse / vc: longest input decoded in one call (0 = no windows)
+  window_overlap_seconds: float = 1.0  # crossfaded overlap of neighbouring windows
+  omni_task: str = "tts"            # omni: the task it serves
+  visual_feature_dim: int = 768     # l2s: width of the visual features (the model's adapter input)
 
 
 @dataclasses.dataclass
@@ -108,6 +128,12 @@ class Chunk:
   semantic: Optional[np.ndarray] = None    # target SSL tokens: given (resynth) or generated
   audio: Optional[np.ndarray] = None
   codes: Optional[np.ndarray] = None
+  # Condition tasks: the 16 kHz audio whose features condition this chunk ([prompt; input window]
+  # for tse / vc, the window for se), or the target's own frames (l2s; prompt frames are zeros).
+  condition_wav16: Optional[np.ndarray] = None
+  target_features: Optional[np.ndarray] = None
+  features: Optional[np.ndarray] = None    # [prompt + tokens, dim], what the decoder reads
+  offset: int = 0                          # start of this chunk's audio in the output (24 kHz samples)
 
 
 @dataclasses.dataclass
@@ -130,6 +156,11 @@ class Job:
   reference_wav16: Optional[np.ndarray] = None
   reference_semantic: Optional[np.ndarray] = None
   text: Optional[str] = None                        # what the output says (for WER)
+  # The example's input audio (se / tse / vc), 24 kHz, for the report's players.
+  input_wav24: Optional[np.ndarray] = None
+  # Chunks conditioned independently (windows of one input, all on the original prompt), joined by
+  # crossfading at their `offset`s; otherwise each chunk continues the previous one.
+  independent_chunks: bool = False
   language: str = "en"
   info: dict = dataclasses.field(default_factory=dict)
   error: Optional[str] = None
@@ -219,10 +250,20 @@ class Task:
   name = ""
   uses_stage1 = True
   needs_text = False
+  needs_adapter = False   # needs a fine-tuned model with a condition adapter
+
+  @property
+  def defaults_name(self) -> str:
+    """The `DECODE_DEFAULTS` entry of this task."""
+    return self.name
 
   @property
   def defaults(self) -> DecodeDefaults:
-    return DECODE_DEFAULTS[self.name]
+    return DECODE_DEFAULTS[self.defaults_name]
+
+  def configure(self, settings: "TaskSettings") -> None:
+    """Run-wide settings known before any example (Omni's sub-task)."""
+    del settings
 
   def prepare(self, example: Example, ctx: Context) -> Job:
     raise NotImplementedError
@@ -407,6 +448,170 @@ class ResynthTask(Task):
       job.info["source_seconds"] = round(total, 3)
       job.reference_wav24 = wav24  # cut to the rendered span once the frames are known
     job.chunks = [Chunk(tokens=0)]  # set once the clip is tokenized
+    return job
+
+
+def _no_phones(job: Job, ctx: Context) -> None:
+  """A phone model (Omni) serves a condition task with an empty phone prefix."""
+  if ctx.uses_phones:
+    job.prompt_phones = np.zeros((0,), np.int32)
+    for c in job.chunks:
+      c.phones = np.zeros((0,), np.int32)
+
+
+class ConditionTask(Task):
+  """se / tse / vc: the fine-tuned model conditioned on features of the input audio.
+
+  Fields: `wav` (the input: noisy / mixture / source; also accepted under
+  `noisy_wav`, `mixture_wav`, `source_wav`), `prompt_wav` (tse: enrollment,
+  vc: target speaker), optional `reference_wav` (the clean / expected speech:
+  signal measures for se / tse, NLL for all) and `text` (WER hook).
+  """
+  prompted = True
+  needs_adapter = True
+  aligned_reference = True   # the reference is time-aligned with the input (SI-SNR, mel, STOI)
+  input_fields = ("wav", "noisy_wav", "mixture_wav", "source_wav")
+
+  def prepare(self, example: Example, ctx: Context) -> Job:
+    s = ctx.settings
+    field = next((f for f in self.input_fields if example.fields.get(f)), "wav")
+    waves = load_audio(example.fields.get(field), field)
+    wav16 = waves[16000]
+    if _num_ssl(len(wav16)) < 1:
+      raise ExampleError(f"{field}: {example.fields.get(field)}: too short ({len(wav16) / 16000:.3f} s)")
+    job = Job(example, self.name, [], text=_text_field(example, "text", required=False),
+              independent_chunks=True)
+    job.input_wav24 = waves[24000]
+    job.info["input_seconds"] = round(len(wav16) / 16000, 3)
+    if self.prompted:
+      self._prompt(job, example, ctx)
+      prompt16 = job.prompt_wav16
+    else:
+      if example.fields.get("prompt_wav"):
+        raise ExampleError(f"'prompt_wav' given, but {self.name} takes no prompt")
+      job.prompt_semantic = np.zeros((0,), np.int32)
+      job.prompt_acoustic = np.zeros((0, 0), np.int32)
+      prompt16 = np.zeros((0,), np.float32)
+    try:
+      spans = windows_lib.plan(len(wav16), s.window_seconds, s.window_overlap_seconds)
+    except ValueError as e:
+      raise ExampleError(str(e)) from e
+    for w in spans:
+      piece = wav16[w.start:w.start + w.length]
+      job.chunks.append(Chunk(tokens=_num_ssl(len(piece)),  # exact once the features are known
+                              condition_wav16=np.concatenate([prompt16, piece]).astype(np.float32),
+                              offset=w.start_token * OUTPUT_HOP))
+    if len(spans) > 1:
+      job.info["windows"] = len(spans)
+    if example.fields.get("reference_wav"):
+      refs = load_audio(example.fields["reference_wav"], "reference_wav")
+      job.reference_wav16 = refs[16000]
+      if self.aligned_reference:
+        job.reference_wav24 = refs[24000]
+    _no_phones(job, ctx)
+    return job
+
+
+@register_task
+class SETask(ConditionTask):
+  """Speech enhancement: noisy `wav` -> clean speech of the same length (no prompt)."""
+  name = "se"
+  prompted = False
+
+
+@register_task
+class TSETask(ConditionTask):
+  """Target speaker extraction: mixture `wav` + enrollment `prompt_wav` -> that speaker's speech."""
+  name = "tse"
+
+
+@register_task
+class VCTask(ConditionTask):
+  """Voice conversion: source `wav` + target speaker `prompt_wav` -> the source's words in that voice."""
+  name = "vc"
+  aligned_reference = False  # a reference in the target voice has other timing: NLL / hooks only
+
+
+def read_visual_features(path: Optional[str], dim: int, field: str = "visual_features") -> np.ndarray:
+  """`[frames, dim]` float32 from a .npy file; ExampleError naming the file otherwise."""
+  if not path:
+    raise ExampleError(f"missing '{field}' (a .npy file of [frames, {dim}] features at 25 fps)")
+  if not os.path.exists(path):
+    raise ExampleError(f"{field}: {path}: no such file")
+  try:
+    feats = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ExampleError(f"{field}: {path}: not a .npy array ({e})") from e
+  if feats.ndim != 2 or feats.shape[1] != dim or feats.shape[0] < 1:
+    raise ExampleError(f"{field}: {path}: expected [frames, {dim}] features at 25 fps, got shape "
+                       f"{list(feats.shape)}")
+  if not np.all(np.isfinite(feats)):
+    raise ExampleError(f"{field}: {path}: has NaN or infinite values")
+  return feats.astype(np.float32)
+
+
+def condition_frames(prompt_tokens: int, target_features: np.ndarray) -> np.ndarray:
+  """`[prompt_tokens + T, dim]`: zero frames on the prompt, then the target's (l2s)."""
+  return np.asarray(visual_features.pad_prompt_frames(target_features, prompt_tokens), np.float32)
+
+
+def l2s_condition(video_feat: np.ndarray, prompt_tokens: int) -> np.ndarray:
+  """`[T25, 768]` 25 fps features -> `[prompt_tokens + 2 T25, 768]` decoder condition."""
+  return condition_frames(prompt_tokens, np.asarray(visual_features.upsample_x2(video_feat)))
+
+
+@register_task
+class L2STask(Task):
+  """Lip to speech: `visual_features` (.npy, 25 fps) -> speech, 2 tokens per video frame;
+  optional `prompt_wav` (the voice), optional `reference_wav` (NLL) and `text` (WER)."""
+  name = "l2s"
+  needs_adapter = True
+
+  def prepare(self, example: Example, ctx: Context) -> Job:
+    feats = read_visual_features(example.fields.get("visual_features"), ctx.settings.visual_feature_dim)
+    job = Job(example, self.name, [], text=_text_field(example, "text", required=False))
+    if example.fields.get("prompt_wav"):
+      self._prompt(job, example, ctx)
+    else:
+      job.prompt_semantic = np.zeros((0,), np.int32)
+      job.prompt_acoustic = np.zeros((0, 0), np.int32)
+    target = np.asarray(visual_features.upsample_x2(feats), np.float32)
+    job.chunks = [Chunk(tokens=len(target), target_features=target)]
+    job.info["video_frames"] = int(feats.shape[0])
+    self._reference(job, example)
+    _no_phones(job, ctx)
+    return job
+
+
+@register_task
+class OmniTask(Task):
+  """The Omni model: one fine-tune serving tts, se, tse or vc (`--omni_task`); TTS runs without
+  adapter features, the others as their own tasks."""
+  name = "omni"
+
+  def __init__(self):
+    self.sub: Task = TTSTask()
+
+  def configure(self, settings: TaskSettings) -> None:
+    if settings.omni_task not in OMNI_TASKS:
+      raise ValueError(f"--omni_task {settings.omni_task!r}: expected one of {', '.join(OMNI_TASKS)}")
+    self.sub = TASKS[settings.omni_task]()
+
+  @property
+  def defaults_name(self) -> str:
+    return self.sub.name
+
+  @property
+  def needs_text(self) -> bool:  # pylint: disable=invalid-overridden-method
+    return self.sub.needs_text
+
+  @property
+  def needs_adapter(self) -> bool:  # pylint: disable=invalid-overridden-method
+    return True
+
+  def prepare(self, example: Example, ctx: Context) -> Job:
+    job = self.sub.prepare(example, ctx)
+    job.info["omni_task"] = self.sub.name
     return job
 
 
