@@ -6,14 +6,19 @@ r"""Runs one command as N JAX processes on this machine, over loopback (CPU coll
 Each process gets METIS_COORDINATOR_ADDRESS (127.0.0.1 and a free port),
 METIS_NUM_PROCESSES, METIS_PROCESS_ID (read by metis_jax/distributed.py),
 JAX_PLATFORMS=cpu and its own XLA_FLAGS with the fake device count. Output
-lines are prefixed with the process id. If one process fails the others are
-stopped; the exit status is the first non-zero one. SIGTERM or Ctrl-C to the
+lines are prefixed with the process id. If one process fails (non-zero
+status or killed by a signal) it is reported by id and status, the others get
+SIGTERM and, after `--grace_s` seconds, SIGKILL; the exit status is the
+first failure's (128 + signal for a signal). SIGTERM or Ctrl-C to the
 launcher is passed on as SIGTERM to every process (the trainer then saves a
-checkpoint and exits). `--dry_run` prints the environment and command of
-every process instead of running them.
+checkpoint and exits). Workers never outlive the launcher: on Linux each
+asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG), so even
+a SIGKILLed launcher takes them down. `--dry_run` prints the environment and
+command of every process instead of running them.
 """
 
 import argparse
+import ctypes
 import os
 import shlex
 import signal
@@ -43,6 +48,35 @@ def process_env(base: dict, index: int, count: int, devices: int, coordinator: s
   return env
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int):
+  """A preexec_fn: SIGKILL this child when the launcher dies (Linux; a no-op elsewhere)."""
+  def set_up() -> None:
+    if sys.platform.startswith("linux"):
+      libc = ctypes.CDLL(None, use_errno=True)
+      libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+      if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+        os._exit(1)
+  return set_up
+
+
+def describe_status(code: int) -> str:
+  """'status 7' or 'signal SIGKILL' for a Popen return code."""
+  if code < 0:
+    try:
+      return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+      return f"signal {-code}"
+  return f"status {code}"
+
+
+def shell_status(code: int) -> int:
+  """A Popen return code as a shell exit status (128 + signal for a signal)."""
+  return 128 - code if code < 0 else code
+
+
 def _pump(index: int, stream, sink) -> None:
   for line in iter(stream.readline, ""):
     sink.write(f"[p{index}] {line}")
@@ -50,7 +84,7 @@ def _pump(index: int, stream, sink) -> None:
 
 
 def launch(command: list, num_processes: int, devices_per_process: int, timeout: float = 0,
-           dry_run: bool = False) -> int:
+           dry_run: bool = False, grace_s: float = 10.0) -> int:
   """Starts the processes, streams their output, returns the job's exit status."""
   coordinator = f"127.0.0.1:{free_port()}"
   envs = [process_env(os.environ, i, num_processes, devices_per_process, coordinator)
@@ -62,7 +96,8 @@ def launch(command: list, num_processes: int, devices_per_process: int, timeout:
       print(" ".join(f"{k}={shlex.quote(env[k])}" for k in keys), shlex.join(command))
     return 0
   procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True) for env in envs]
+                            text=True, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+           for env in envs]
 
   def forward(signum, frame):  # SIGTERM/SIGINT to the launcher reach every process
     del frame
@@ -79,29 +114,49 @@ def launch(command: list, num_processes: int, devices_per_process: int, timeout:
   deadline = time.time() + timeout if timeout > 0 else None
   status = 0
   try:
-    while any(p.poll() is None for p in procs):
-      failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+    while [p.poll() for p in procs].count(None):  # poll every process (any() would stop at the first)
+      failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
       if failed or (deadline and time.time() > deadline):
-        status = failed[0] if failed else 124
-        print(f"stopping all processes ({'a process failed' if failed else 'timeout'})",
-              file=sys.stderr)
+        if failed:
+          index, code = failed[0]
+          status = shell_status(code)
+          print(f"launcher: process {index} exited with {describe_status(code)}; stopping the others "
+                f"(SIGTERM, SIGKILL after {grace_s:.0f} s)", file=sys.stderr, flush=True)
+        else:
+          status = 124
+          print(f"launcher: timeout after {timeout:.0f} s; stopping all processes", file=sys.stderr, flush=True)
         break
       time.sleep(0.1)
   finally:
     for p in procs:
       if p.poll() is None:
         p.send_signal(signal.SIGTERM)
+    stop_by = time.time() + grace_s
     for p in procs:
       try:
-        p.wait(timeout=30)
+        p.wait(timeout=max(stop_by - time.time(), 0.1))
       except subprocess.TimeoutExpired:
-        p.kill()
+        _kill_group(p)
         p.wait()
+    for p in procs:
+      _kill_group(p)  # whatever a worker started (data loader processes) goes too
     for t in pumps:
       t.join(timeout=5)
   if status == 0:
-    status = next((p.returncode for p in procs if p.returncode != 0), 0)
+    failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+      status = shell_status(failed[0][1])
+      print(f"launcher: process {failed[0][0]} exited with {describe_status(failed[0][1])}",
+            file=sys.stderr, flush=True)
   return status
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+  """SIGKILLs the process group (session) the worker leads, if anything is left in it."""
+  try:
+    os.killpg(p.pid, signal.SIGKILL)
+  except (ProcessLookupError, PermissionError):
+    pass
 
 
 def main() -> int:
@@ -110,12 +165,15 @@ def main() -> int:
   parser.add_argument("--devices_per_process", type=int, default=4)
   parser.add_argument("--timeout", type=float, default=0, help="seconds; 0 = none")
   parser.add_argument("--dry_run", action="store_true", help="print, do not run")
+  parser.add_argument("--grace_s", type=float, default=10.0,
+                      help="seconds the others get to exit after SIGTERM when one process fails")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
   args = parser.parse_args()
   command = args.command[1:] if args.command[:1] == ["--"] else args.command
   if not command:
     parser.error("give the command to run after --")
-  return launch(command, args.num_processes, args.devices_per_process, args.timeout, args.dry_run)
+  return launch(command, args.num_processes, args.devices_per_process, args.timeout, args.dry_run,
+                args.grace_s)
 
 
 if __name__ == "__main__":

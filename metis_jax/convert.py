@@ -1,6 +1,7 @@
 """`python -m metis_jax.convert`: the command; its code is metis_jax/conversion/cli.py."""
 
+from metis_jax import cli_support  # before jax: the console filters
 from metis_jax.conversion import cli
 
 if __name__ == "__main__":
-  cli.run_main()
+  cli_support.run(cli.run_main)

@@ -98,3 +98,73 @@ def test_cli_converts_and_reverses(parity_dir, tmp_path):
                         "--output", str(tmp_path / "bad")], env=env, capture_output=True, text=True)
   assert bad.returncode == 2
   assert "unexpected keys" in bad.stderr and "token_emb.0.weight" in bad.stderr
+
+
+# ------------------------------------------------------------------ malformed inputs (issue 15)
+
+
+def _tiny_amphion():
+  model_cfg = config_lib.load_config("tiny").model
+  model_cfg.dtype = "float32"
+  return t2s.params_to_amphion(_random_params(model_cfg, seed=2), model_cfg)
+
+
+def _malformed(case):
+  """(tensors, metadata, num_heads) of one malformed T2S file."""
+  tensors, meta, heads = _tiny_amphion(), {}, None
+  if case == "rank1_cond_emb":
+    tensors["cond_emb.weight"] = tensors["cond_emb.weight"][0]
+  elif case == "layer_key_x":
+    tensors["diff_estimator.layers.x.mlp.gate_proj.weight"] = tensors["diff_estimator.layers.0.mlp.gate_proj.weight"]
+  elif case == "metadata_not_json":
+    meta = {"config": "{num_heads: 2"}
+  elif case == "metadata_json_list":
+    meta = {"config": "[2, 4]"}
+  elif case == "heads_do_not_divide":
+    heads = 3  # width 128
+  elif case == "nan_weights":
+    tensors["to_logit.weight"] = np.full_like(tensors["to_logit.weight"], np.nan)
+  elif case == "integer_weights":
+    tensors["cond_emb.weight"] = tensors["cond_emb.weight"].astype(np.int32)
+  return tensors, meta, heads
+
+
+MALFORMED = {
+    "rank1_cond_emb": "cond_emb.weight has shape",
+    "layer_key_x": "layer index 'x' is not a number",
+    "metadata_not_json": "metadata is not JSON",
+    "metadata_json_list": "metadata is a JSON list",
+    "heads_do_not_divide": "3 attention heads do not divide the width 128",
+    "nan_weights": "hold NaN or Inf (e.g. to_logit.weight)",
+    "integer_weights": "not floating point (e.g. cond_emb.weight: int32)",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_file_is_refused_with_its_reason(tmp_path, case):
+  tensors, meta, heads = _malformed(case)
+  path = str(tmp_path / "bad.safetensors")
+  common.save_safetensors(path, tensors, meta)
+  with pytest.raises(common.ConversionError, match=MALFORMED[case].replace("(", r"\(").replace(")", r"\)")) as e:
+    t2s.load_amphion(path, heads)
+  assert path in str(e.value) or case in ("nan_weights", "integer_weights")
+
+
+def test_parameters_that_do_not_match_an_edited_config_are_refused():
+  model_cfg = config_lib.load_config("tiny").model
+  params = _random_params(model_cfg, seed=3)
+  edited = model_cfg.copy_and_resolve_references()
+  edited.num_layers += 1
+  with pytest.raises(common.ConversionError, match="do not match model_config.json"):
+    t2s.params_to_amphion(params, edited)
+  edited = model_cfg.copy_and_resolve_references()
+  edited.hidden_size = 96
+  with pytest.raises(common.ConversionError, match="do not match model_config.json"):
+    t2s.params_to_amphion(params, edited)
+
+
+def test_config_metadata_parsing():
+  assert common.parse_config_metadata({}, "f") == {}
+  assert common.parse_config_metadata({"config": '{"num_heads": 4}'}, "f") == {"num_heads": 4}
+  with pytest.raises(common.ConversionError, match="f: its 'config' metadata is a JSON str"):
+    common.parse_config_metadata({"config": '"x"'}, "f")

@@ -68,8 +68,7 @@ def load_converted(directory: str):
   config_path = os.path.join(directory, MODEL_CONFIG_FILE)
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{directory}: no {MODEL_CONFIG_FILE}; not a converted metis_jax model")
-  with open(config_path) as f:
-    model = ml_collections.ConfigDict(json.load(f))
+  model = ml_collections.ConfigDict(common.read_model_config(config_path))
   params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR))
   return model, jax.tree_util.tree_map(np.asarray, params)
 

@@ -6,9 +6,57 @@ from typing import Callable, Mapping
 import numpy as np
 import safetensors.numpy
 
+from metis_jax.cli_support import UserError
 
-class ConversionError(ValueError):
-  """A weight file does not match the model it is converted into."""
+
+class ConversionError(UserError, ValueError):
+  """A weight file does not match the model it is converted into (the commands print it as `error: ...`)."""
+
+
+def parse_config_metadata(metadata: Mapping[str, str], source: str) -> dict:
+  """The JSON object in a file's `config` metadata entry ({} when absent).
+
+  Raises:
+    ConversionError: the entry is not JSON, or not a JSON object.
+  """
+  if "config" not in metadata:
+    return {}
+  try:
+    meta = json.loads(metadata["config"])
+  except ValueError as e:
+    raise ConversionError(f"{source}: its 'config' metadata is not JSON ({e}); remove or fix it, "
+                          "or give the model's settings as flags (e.g. --num_heads)") from None
+  if not isinstance(meta, dict):
+    raise ConversionError(f"{source}: its 'config' metadata is a JSON {type(meta).__name__}, not an "
+                          "object of settings; remove or fix it")
+  return meta
+
+
+def read_model_config(path: str) -> dict:
+  """A `model_config.json` as a dict; a damaged or hand-edited file is a ConversionError naming it."""
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except ValueError as e:
+    raise ConversionError(f"{path} is not valid JSON ({e}); restore the file written by the conversion") from None
+  if not isinstance(config, dict):
+    raise ConversionError(f"{path} holds a JSON {type(config).__name__}, not a model config object; "
+                          "restore the file written by the conversion")
+  return config
+
+
+def check_weights(source: str, tensors: Mapping[str, np.ndarray], keys) -> None:
+  """Raises ConversionError if any of `keys` is not floating point or holds NaN/Inf."""
+  not_float = sorted(k for k in keys if not np.issubdtype(np.asarray(tensors[k]).dtype, np.floating))
+  if not_float:
+    raise ConversionError(
+        f"{source}: {len(not_float)} weights are not floating point (e.g. {not_float[0]}: "
+        f"{np.asarray(tensors[not_float[0]]).dtype}); this is not a trained weight file")
+  nonfinite = sorted(k for k in keys if not np.isfinite(np.asarray(tensors[k], np.float32)).all())
+  if nonfinite:
+    raise ConversionError(
+        f"{source}: {len(nonfinite)} weights hold NaN or Inf (e.g. {nonfinite[0]}); the file is damaged or "
+        "comes from a diverged run: use another checkpoint")
 
 
 def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -45,6 +93,7 @@ def check_keys(source: str, tensors: Mapping[str, np.ndarray], expected: Mapping
         lines.append(f"  {title} ({len(items)}):")
         lines.extend(f"    {item}" for item in items)
     raise ConversionError("\n".join(lines))
+  check_weights(source, tensors, sorted(set(expected) & present))
 
 
 def stack_layers(tree: dict, num_layers: int, prefix: str = "layers_") -> dict:

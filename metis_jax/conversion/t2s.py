@@ -157,19 +157,45 @@ def amphion_to_params(tensors: dict[str, np.ndarray], model: ml_collections.Conf
   return params
 
 
-def params_to_amphion(params: dict, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """MetisModel param tree -> Amphion state dict (float32 numpy)."""
+def params_to_amphion(params: dict, model: ml_collections.ConfigDict,
+                      source: str = "model_config.json") -> dict[str, np.ndarray]:
+  """MetisModel param tree -> Amphion state dict (float32 numpy).
+
+  Raises:
+    ConversionError: the parameters do not match `model` (`source`, e.g. a
+      hand-edited model_config.json), naming the first mismatches.
+  """
+  try:
+    entries, shapes = key_map(model), expected_shapes(model)
+    check_heads(model, source)
+  except (AttributeError, KeyError, TypeError) as e:
+    raise common.ConversionError(f"{source} lacks or mistypes a model setting ({type(e).__name__}: {e}); "
+                                 "restore the file written by the conversion") from None
+  try:
+    out = _params_to_amphion(params, entries)
+  except (KeyError, IndexError, ValueError, TypeError) as e:
+    raise common.ConversionError(f"the parameters do not match {source} ({type(e).__name__}: {e}); "
+                                 "was the file edited? restore the one written by the conversion") from None
+  wrong = [f"{k}: parameters give {tuple(v.shape)}, {source} implies {tuple(shapes[k])}"
+           for k, v in out.items() if tuple(v.shape) != tuple(shapes[k])]
+  if wrong:
+    raise common.ConversionError(f"the parameters do not match {source} ({'; '.join(wrong[:3])}); "
+                                 "was the file edited? restore the one written by the conversion")
+  return out
+
+
+def _params_to_amphion(params: dict, entries: list) -> dict[str, np.ndarray]:
   params = dict(params)
   backbone = {k: v for k, v in params["backbone"].items()}
   if "layers" in backbone:
     backbone = common.unstack_layers(backbone)
   params["backbone"] = backbone
   return {key: to_amphion(kind, np.asarray(common.get_path(params, path), np.float32))
-          for key, path, kind in key_map(model)}
+          for key, path, kind in entries}
 
 
 def infer_model_config(tensors: dict[str, np.ndarray], metadata: dict[str, str],
-                       num_heads: int | None = None) -> ml_collections.ConfigDict:
+                       num_heads: int | None = None, source: str = "the file") -> ml_collections.ConfigDict:
   """Model config from a file's shapes (and its `config` metadata, if any).
 
   Width, vocabulary, depth, MLP ratio and the phone prefix follow from the
@@ -177,11 +203,20 @@ def infer_model_config(tensors: dict[str, np.ndarray], metadata: dict[str, str],
   argument, or the released value (16).
   """
   model = config_base.model_config()
-  meta = json.loads(metadata["config"]) if "config" in metadata else {}
+  meta = common.parse_config_metadata(metadata, source)
   if "cond_emb.weight" not in tensors:
-    raise common.ConversionError("not an Amphion T2S/Metis stage-1 file: no `cond_emb.weight`")
+    raise common.ConversionError(f"{source}: not an Amphion T2S/Metis stage-1 file: no `cond_emb.weight`")
+  if np.ndim(tensors["cond_emb.weight"]) != 2:
+    raise common.ConversionError(f"{source}: cond_emb.weight has shape {tuple(np.shape(tensors['cond_emb.weight']))}; "
+                                 "a token embedding is [vocabulary, width]")
   model.vocab_size, model.hidden_size = (int(d) for d in tensors["cond_emb.weight"].shape)
-  layer_ids = {int(k.split(".")[2]) for k in tensors if k.startswith("diff_estimator.layers.")}
+  layer_ids = set()
+  for key in tensors:
+    if key.startswith("diff_estimator.layers."):
+      index = key.split(".")[2]
+      if not index.isdigit():
+        raise common.ConversionError(f"{source}: unexpected key {key!r} (layer index {index!r} is not a number)")
+      layer_ids.add(int(index))
   model.num_layers = max(layer_ids) + 1 if layer_ids else 0
   gate = tensors.get("diff_estimator.layers.0.mlp.gate_proj.weight")
   if gate is not None:
@@ -189,9 +224,23 @@ def infer_model_config(tensors: dict[str, np.ndarray], metadata: dict[str, str],
   model.use_phone_cond = "phone_emb.weight" in tensors
   if model.use_phone_cond:
     model.phone_vocab_size = int(tensors["phone_emb.weight"].shape[0])
-  model.num_heads = int(num_heads or meta.get("num_heads") or 16)
+  try:
+    model.num_heads = int(num_heads or meta.get("num_heads") or 16)
+  except (TypeError, ValueError):
+    raise common.ConversionError(f"{source}: num_heads {meta.get('num_heads')!r} in its metadata is not a "
+                                 "number; give --num_heads") from None
+  check_heads(model, source)
   model.dtype = "float32"
   return model
+
+
+def check_heads(model: ml_collections.ConfigDict, source: str) -> None:
+  """Raises ConversionError unless the head count is positive and divides the width."""
+  if model.num_heads <= 0 or model.hidden_size % model.num_heads:
+    divisors = [d for d in (1, 2, 4, 8, 12, 16, 20, 24, 32) if model.hidden_size % d == 0]
+    raise common.ConversionError(
+        f"{source}: {model.num_heads} attention heads do not divide the width {model.hidden_size}; "
+        f"give --num_heads as one of {divisors}")
 
 
 def load_amphion(path: str, num_heads: int | None = None, scan_layers: bool = True,
@@ -203,7 +252,7 @@ def load_amphion(path: str, num_heads: int | None = None, scan_layers: bool = Tr
   """
   tensors, metadata = common.load_safetensors(path)
   if model is None:
-    model = infer_model_config(tensors, metadata, num_heads)
+    model = infer_model_config(tensors, metadata, num_heads, source=path)
     model.scan_layers = scan_layers
   return model, amphion_to_params(tensors, model, source=path)
 

@@ -143,4 +143,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("input", None, "Corpus root (folder or tar).", required=True)
   flags.DEFINE_string("output", None, "Output folder of the tokenizer.", required=True)
   flags.mark_flag_as_required("config")
-  app.run(main)
+  from metis_jax import cli_support  # pylint: disable=g-import-not-at-top
+  cli_support.run(lambda: app.run(main))

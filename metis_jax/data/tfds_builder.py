@@ -130,4 +130,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from metis_jax import cli_support  # pylint: disable=g-import-not-at-top
+  cli_support.run(main)

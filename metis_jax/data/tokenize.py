@@ -24,6 +24,12 @@ How it works:
   * When every shard exists, `manifest.json` is written (utterances, hours,
     hours per language, skipped files with reasons).
 Nothing that is wrong with one file stops the job: it is skipped and counted.
+
+With `--record_sources` (directory layouts) each record also names its source
+audio file relative to the corpus root (record field 'src'), which the task
+pipelines of fine-tuning (`metis_jax.data.tasks`) read the audio from; the
+corpus root is the manifest's 'input'. A phonemizer may return None for an
+utterance it has no phones for (the record then has none; it is not skipped).
 """
 
 import concurrent.futures
@@ -204,8 +210,13 @@ def _check_plan(output_dir: str, plan: dict[str, Any]) -> None:
 def process_unit(unit: readers.WorkUnit, shard_path: str, decoded: list[Decoded],
                  skipped: list[readers.Skipped], ssl_runner: DeviceRunner,
                  acoustic_runner: Optional[DeviceRunner] = None,
-                 phonemizer: Optional[Callable[[str, str], Sequence[int]]] = None) -> int:
-  """Tokenizes a decoded unit and writes its stats and shard; returns records written."""
+                 phonemizer: Optional[Callable[[str, str], Optional[Sequence[int]]]] = None,
+                 record_sources: bool = False) -> int:
+  """Tokenizes a decoded unit and writes its stats and shard; returns records written.
+
+  With `record_sources`, records of a 'files' unit carry their audio file's
+  path relative to the corpus root ('src'; tar members have no such path).
+  """
   skipped = list(skipped)
   ssl_tokens = ssl_runner([d.waves[ssl_runner.rate] for d in decoded])
   acoustic = acoustic_runner([d.waves[acoustic_runner.rate] for d in decoded]) if acoustic_runner else None
@@ -219,13 +230,15 @@ def process_unit(unit: readers.WorkUnit, shard_path: str, decoded: list[Decoded]
     phones = None
     if phonemizer is not None:
       try:
-        phones = np.asarray(phonemizer(d.utt.text, d.utt.language), np.int64)
+        phones = phonemizer(d.utt.text, d.utt.language)
+        phones = None if phones is None else np.asarray(phones, np.int64)
       except Exception as e:  # pylint: disable=broad-except
         skipped.append(readers.Skipped(d.utt.origin, f"phonemizer failed ({type(e).__name__}: {e})"))
         continue
     rec = records.encode(d.utt.id, ssl_tokens[i], text=d.utt.text, speaker=d.utt.speaker,
                          language=d.utt.language, duration=d.duration,
-                         acoustic_tokens=None if acoustic is None else acoustic[i], phones=phones)
+                         acoustic_tokens=None if acoustic is None else acoustic[i], phones=phones,
+                         source=d.utt.origin if record_sources and unit.kind == "files" else None)
     rows.append((d.utt.id, rec))
     kept.append({"duration": d.duration, "language": d.utt.language, "tokens": len(ssl_tokens[i])})
   rows.sort(key=lambda r: r[0])
@@ -236,7 +249,8 @@ def process_unit(unit: readers.WorkUnit, shard_path: str, decoded: list[Decoded]
 
 
 def run(cfg, input_path: str, output_dir: str, *, tokenizer=None, acoustic_tokenizer=None,
-        phonemizer: Optional[Callable[[str, str], Sequence[int]]] = None,
+        phonemizer: Optional[Callable[[str, str], Optional[Sequence[int]]]] = None,
+        record_sources: bool = False,
         process_index: Optional[int] = None, process_count: Optional[int] = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> JobResult:
   """Tokenizes this process's part of a corpus; writes the manifest when all is done.
@@ -247,7 +261,9 @@ def run(cfg, input_path: str, output_dir: str, *, tokenizer=None, acoustic_token
     output_dir: where shards, stats, `job.json` and `manifest.json` go.
     tokenizer: an `SSLTokenizer`; default: `load_tokenizer(cfg.tokenizer_dir)`.
     acoustic_tokenizer: optional `AcousticTokenizer` (adds [T, q] tokens).
-    phonemizer: optional `(text, language) -> phone ids`.
+    phonemizer: optional `(text, language) -> phone ids` (None: no phones for it).
+    record_sources: records name their source audio file ('src', relative to
+      `input_path`) for the task pipelines; directory layouts only.
     process_index: this process (default jax.process_index()); passing both
       index and count simulates a multi-process run without jax.distributed.
     process_count: number of processes (default jax.process_count()).
@@ -272,7 +288,8 @@ def run(cfg, input_path: str, output_dir: str, *, tokenizer=None, acoustic_token
   _check_plan(output_dir, {"input": os.path.abspath(input_path), "layout": cfg.layout,
                            "files_per_shard": cfg.files_per_shard, "units": readers.unit_fingerprint(units),
                            "tokenizer": desc, "min_duration": cfg.min_duration, "max_duration": cfg.max_duration,
-                           "min_dnsmos": cfg.min_dnsmos, "acoustic": acoustic_tokenizer is not None})
+                           "min_dnsmos": cfg.min_dnsmos, "acoustic": acoustic_tokenizer is not None,
+                           **({"record_sources": True} if record_sources else {})})
   ssl_runner = DeviceRunner(tokenizer, cfg)
   acoustic_runner = DeviceRunner(acoustic_tokenizer, cfg) if acoustic_tokenizer is not None else None
   rates = sorted({ssl_runner.rate} | ({acoustic_runner.rate} if acoustic_runner else set()))
@@ -292,7 +309,8 @@ def run(cfg, input_path: str, output_dir: str, *, tokenizer=None, acoustic_token
       decoded, skipped = pending.result()
       pending = reader.submit(decode_unit, todo[n + 1], cfg, rates, pool) if n + 1 < len(todo) else None
       path = os.path.join(output_dir, names[unit.index])
-      count = process_unit(unit, path, decoded, skipped, ssl_runner, acoustic_runner, phonemizer)
+      count = process_unit(unit, path, decoded, skipped, ssl_runner, acoustic_runner, phonemizer,
+                           record_sources)
       utterances += count
       seconds += sum(d.duration for d in decoded)
       written.append(names[unit.index])
@@ -325,7 +343,7 @@ def main(argv):
   # The command wires the model-backed tokenizers in; the job itself imports no model.
   from metis_jax.frontend import tokenizers  # pylint: disable=g-import-not-at-top
   run(cfg, f.input, f.output, tokenizer=tokenizers.load_tokenizer(cfg.tokenizer_dir),
-      acoustic_tokenizer=tokenizers.acoustic_tokenizer_from_config(cfg),
+      acoustic_tokenizer=tokenizers.acoustic_tokenizer_from_config(cfg), record_sources=f.record_sources,
       process_index=pi if pi >= 0 else None, process_count=pc if pc > 0 else None)
 
 
@@ -337,5 +355,32 @@ if __name__ == "__main__":
   flags.DEFINE_string("output", None, "Output folder of shards and manifest.", required=True)
   flags.DEFINE_integer("process_index", -1, "Override jax.process_index() (manual sharding of the job).")
   flags.DEFINE_integer("process_count", 0, "Override jax.process_count() (with --process_index).")
+  flags.DEFINE_bool("record_sources", False, "Records name their source audio file (relative to --input), "
+                    "which the fine-tuning task pipelines read audio from (directory layouts).")
   flags.mark_flag_as_required("config")
-  app.run(main)
+  from metis_jax import cli_support  # pylint: disable=g-import-not-at-top
+
+  def main_with_summary(argv):
+    """`main`, then one line: the manifest, the count, the first skipped files and why."""
+    del argv
+    f = flags.FLAGS
+    from metis_jax.frontend import tokenizers  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(f.input):
+      raise cli_support.UserError(f"--input {f.input} does not exist; give a corpus folder or tar")
+    pi, pc = f.process_index, f.process_count
+    result = run(f.config.data, f.input, f.output, tokenizer=tokenizers.load_tokenizer(f.config.data.tokenizer_dir),
+                 acoustic_tokenizer=tokenizers.acoustic_tokenizer_from_config(f.config.data),
+                 record_sources=f.record_sources, process_index=pi if pi >= 0 else None,
+                 process_count=pc if pc > 0 else None)
+    m = result.manifest
+    if m is None:
+      print(f"done: wrote {len(result.written)} shards to {f.output}; process 0 writes the manifest "
+            "once every process has finished")
+      return
+    skipped = "; ".join(f"{os.path.basename(s['file'])}: {s['reason']}" for s in m["skipped"][:3])
+    print(f"done: {os.path.join(f.output, manifest_lib.MANIFEST_NAME)}: "
+          f"{m['utterances']} utterances, {m['hours']:.3f} h; {m['skipped_count']} skipped"
+          f"{f' (first: {skipped})' if skipped else ''}. "
+          f"Next: train on it with --config.data.train_sources='(\"{f.output}\",)'")
+
+  cli_support.run(lambda: app.run(main_with_summary))

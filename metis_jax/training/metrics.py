@@ -1,11 +1,16 @@
-"""Training metrics: FLOPs and MFU, the progress line, TensorBoard, profiler windows.
+"""Training metrics: FLOPs and MFU, the progress line, TensorBoard, metrics.jsonl, profiler windows.
 
 The host reads a step's metrics only after the *next* step has been
 dispatched (`MetricsLogger.push`), so fetching them never makes the device
-wait. Only process 0 prints and writes.
+wait. Only process 0 prints and writes. The progress line goes to stdout
+(with an ETA from the measured step rate); a resumed run continues the
+record: `JsonlWriter` and the TensorBoard writer drop what was logged past
+the restored step, so each step appears once.
 """
 
+import json
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -75,8 +80,26 @@ def mfu(tokens_per_second: float, flops_per_token: float, num_devices: int,
   return tokens_per_second * flops_per_token / (num_devices * peak_per_device)
 
 
+def format_duration(seconds: float) -> str:
+  """3725 -> '1h02m', 450 -> '7m30s', 42.4 -> '42s'."""
+  seconds = max(int(round(seconds)), 0)
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def eta(step: int, total: int, values: dict[str, float]) -> str:
+  """'ETA 7m30s' from the measured `steps_per_second`, or '' before a rate is measured."""
+  rate = values.get("steps_per_second", 0.0)
+  if rate <= 0 or step >= total:
+    return ""
+  return f"ETA {format_duration((total - step) / rate)}"
+
+
 def progress_line(step: int, total: int, values: dict[str, float]) -> str:
-  """'step 120/2000 | 3.1 step/s 50.2k tok/s | loss 4.123 acc 0.211 | gnorm 1.23 lr 3.0e-04 | MFU 41.2%'."""
+  """'step 120/2000 | 3.1 step/s 50.2k tok/s | loss 4.123 acc 0.211 | gnorm 1.23 lr 3.0e-04 | MFU 41.2% | ETA 10m06s'."""
   timed = "steps_per_second" in values  # not the first step (it includes compilation)
   parts = [f"step {step}/{total}",
            (f"{values['steps_per_second']:.2f} step/s {values['tokens_per_second'] / 1e3:.1f}k tok/s"
@@ -87,7 +110,77 @@ def progress_line(step: int, total: int, values: dict[str, float]) -> str:
     parts.append(f"MFU {100 * values['mfu']:.1f}%")
   if values.get("skipped_steps", 0):
     parts.append(f"skipped {int(values['skipped_steps'])}")
+  if eta(step, total, values):
+    parts.append(eta(step, total, values))
   return " | ".join(parts)
+
+
+class JsonlWriter:
+  """One JSON line of metrics per step into `<workdir>/metrics.jsonl` (process 0, local workdirs).
+
+  A run resumed from step S first rewrites the file (atomically: a temporary
+  file renamed over it) without the lines past S, which a killed run logged
+  after its last checkpoint, and without a last line cut short by the kill;
+  so each step appears once.
+
+  Args:
+    workdir: run directory.
+    resume_step: the step the run starts from (0 for a fresh run, which
+      starts a new file); None appends to whatever is there.
+    is_writer: defaults to process 0.
+  """
+
+  FILE = "metrics.jsonl"
+
+  def __init__(self, workdir: str, resume_step: Optional[int] = None, is_writer: Optional[bool] = None):
+    self.file = None
+    is_writer = jax.process_index() == 0 if is_writer is None else is_writer
+    if not is_writer or "://" in workdir:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, self.FILE)
+    if resume_step is not None:
+      keep_lines_up_to(path, resume_step)
+    self.file = open(path, "a")
+
+  def write(self, values: Optional[dict]) -> None:
+    if self.file is not None and values is not None:
+      self.file.write(json.dumps(values) + "\n")
+      self.file.flush()
+
+  def close(self) -> None:
+    if self.file is not None:
+      self.file.close()
+      self.file = None
+
+
+def keep_lines_up_to(path: str, step: int) -> int:
+  """Rewrites the JSON-lines file `path` keeping the well-formed lines with `step` <= `step`.
+
+  Returns:
+    How many lines were dropped (0 when the file does not exist).
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        values = json.loads(line)
+        keep = int(values["step"]) <= step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      if keep:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      elif line.strip():
+        dropped += 1
+  if dropped:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+    logging.info("%s: dropped %d lines logged past the restored step %d", path, dropped, step)
+  return dropped
 
 
 class MetricsLogger:
@@ -102,15 +195,20 @@ class MetricsLogger:
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, num_devices: int,
-               device_kind: str, is_writer: Optional[bool] = None):
-    self._init_common(workdir, config, is_writer)
+               device_kind: str, is_writer: Optional[bool] = None, resume_step: Optional[int] = None):
+    self._init_common(workdir, config, is_writer, resume_step)
     self.tokens_per_step = config.train.global_batch_size * config.train.seq_length
     self.flops_per_token = training_flops_per_token(config.model, config.train.seq_length)
     self.peak = peak_flops_per_device(device_kind, config.logging.peak_flops_per_device)
     self.num_devices = num_devices
 
-  def _init_common(self, workdir: str, config: ml_collections.ConfigDict, is_writer: Optional[bool]) -> None:
-    """What every run's logger holds: the schedule, the writer role, TensorBoard, the history."""
+  def _init_common(self, workdir: str, config: ml_collections.ConfigDict, is_writer: Optional[bool],
+                   resume_step: Optional[int] = None) -> None:
+    """What every run's logger holds: the schedule, the writer role, TensorBoard, the history.
+
+    `resume_step`: the step a resumed run starts from; TensorBoard hides what
+    an earlier run logged past it (a new event file with `purge_step`).
+    """
     self.config = config
     self.total_steps = config.train.steps
     self.every = max(int(config.logging.log_every_steps), 1)
@@ -118,9 +216,11 @@ class MetricsLogger:
     self.writer = None
     if self.is_writer and config.logging.tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      purge = resume_step + 1 if resume_step else None
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
     self._pending: Optional[tuple[int, Any]] = None
     self._window_start: Optional[tuple[int, float]] = None
+    self._first_logged: Optional[int] = None
     self.history: list[dict[str, float]] = []
 
   def push(self, step: int, metrics: Any) -> Optional[dict[str, float]]:
@@ -143,16 +243,19 @@ class MetricsLogger:
     now = time.perf_counter()
     if self._window_start is None:
       self._window_start = (step, now)  # the first step includes compilation: not timed
+      self._first_logged = step
     self.history.append(values)
     self._record(values)
     if step % self.every and step != self.total_steps:
+      if step == self._first_logged and self.is_writer:
+        self._print(step, values)  # a first line as soon as the step is compiled and run
       return values
     start_step, start_time = self._window_start
     if step > start_step:
       self._add_throughput(values, (step - start_step) / max(now - start_time, 1e-9))
     self._window_start = (step, now)
     if self.is_writer:
-      logging.info(self._progress_line(step, values))
+      self._print(step, values)
       if self.writer is not None:
         for name, value in values.items():
           if name != "step":
@@ -171,6 +274,14 @@ class MetricsLogger:
 
   def _progress_line(self, step: int, values: dict[str, float]) -> str:
     return progress_line(step, self.total_steps, values)
+
+  def _print(self, step: int, values: dict[str, float]) -> None:
+    """The progress line on stdout (every objective's line gets the ETA)."""
+    line = self._progress_line(step, values)
+    remaining = eta(step, self.total_steps, values)
+    if remaining and "ETA" not in line:
+      line = f"{line} | {remaining}"
+    print(line, file=sys.stdout, flush=True)
 
   def close(self) -> None:
     self.flush()
