@@ -120,7 +120,7 @@ def infer_config(encoder_tensors: dict | None, decoder_tensors: dict | None,
                  metadata: dict | None = None, **overrides) -> acoustic_codec.AcousticCodecConfig:
   """Model config from the files' shapes (hop and rate from the metadata or the released values)."""
   kw = {}
-  meta = json.loads((metadata or {}).get("config", "{}"))
+  meta = common.parse_config_metadata(metadata or {}, "the acoustic codec file")
   if encoder_tensors is not None:
     if "block.0.weight_v" not in encoder_tensors:
       raise common.ConversionError("not an Amphion codec encoder file: no `block.0.weight_v`")

@@ -255,7 +255,7 @@ def load_released(base_path: str, lora_path: str | None = None, adapter_path: st
   if lora_path:
     lora_tensors, lora_meta = common.load_safetensors(lora_path)
     tree, rank, targets = lora_to_params(lora_tensors, model, source=lora_path)
-    meta = json.loads(lora_meta["config"]) if "config" in lora_meta else {}
+    meta = common.parse_config_metadata(lora_meta, lora_path)
     alpha = lora_alpha
     if alpha is None:
       alpha = meta.get("lora_alpha", RELEASED_ALPHA_PER_RANK * rank)

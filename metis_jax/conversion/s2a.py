@@ -78,7 +78,7 @@ def infer_model_config(tensors, metadata, num_heads=None) -> ml_collections.Conf
   """S2A model config from a file's shapes (heads from metadata/argument/16)."""
   if "layer_emb.weight" not in tensors or "token_emb.0.weight" not in tensors:
     raise common.ConversionError("not an Amphion S2A file: no `layer_emb.weight`/`token_emb.0.weight`")
-  meta = json.loads(metadata["config"]) if "config" in metadata else {}
+  meta = common.parse_config_metadata(metadata, "the S2A file")
   model = config_base.model_config()
   model.kind = "s2a"
   model.num_quantizers, model.hidden_size = (int(d) for d in tensors["layer_emb.weight"].shape)
