@@ -29,6 +29,8 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from metis_jax import config_lib
+
 EXIT_USER_ERROR = 2
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
 _TPU_PROBE = "Unable to initialize backend 'tpu'"
@@ -132,12 +134,11 @@ def describe_config_error(argv: Sequence[str], error: BaseException) -> Optional
     path = _flag_value(argv, name)
     if path is None:
       continue
-    if not os.path.exists(path):
+    if not os.path.exists(config_lib.split_variant(path)[0]):
       configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
       return (f"--{name}: config file {path!r} does not exist; give a Python file with get_config(), "
               f"e.g. {os.path.relpath(os.path.join(configs, 'tiny.py'))}")
     try:
-      from metis_jax import config_lib  # pylint: disable=import-outside-toplevel
       config = config_lib.load_config(path)
     except Exception as e:  # pylint: disable=broad-except
       return f"--{name}: config file {path!r} failed to load ({type(e).__name__}: {_first_line(e)}); fix the file"
@@ -230,7 +231,7 @@ def run(main_fn: Callable[[], object], argv: Optional[Sequence[str]] = None) -> 
   quiet_console()
   wants_help = any(a in HELP_FLAGS for a in argv[1:])
   config_file = _flag_value(argv[1:], "config")
-  if config_file is not None and not wants_help and not os.path.exists(config_file):
+  if config_file is not None and not wants_help and not os.path.exists(config_lib.split_variant(config_file)[0]):
     fail(f"--config: config file {config_file!r} does not exist; give a Python file with get_config(), "
          "e.g. configs/tiny.py")
   try:

@@ -1,6 +1,7 @@
-"""`python -m metis_jax.codec_train`: the command; its code is metis_jax/training/codec_loop.py."""
+"""`python -m metis_jax.codec_train`: the same command as `python -m metis_jax.train` (training/loop.py)."""
 
-from metis_jax.training import codec_loop
+from metis_jax import cli_support  # before jax: the console filters
 
 if __name__ == "__main__":
-  codec_loop.run_main()
+  from metis_jax.training import loop  # pylint: disable=g-import-not-at-top
+  cli_support.run(loop.run_main)

@@ -1,9 +1,18 @@
 """Every knob of metis_jax, with its default and what it trades off.
 
-Experiment files in `configs/` start from `get_config()` and override what
-they change; the command line overrides those (`--config.model.num_layers=4`).
-A key that is not declared here is an error, both in a config file and on the
-command line, so a typo never silently does nothing.
+Experiment files in `configs/` start from one of the run builders below and
+override what they change; the command line overrides those
+(`--config.model.num_layers=4`). A key that is not declared here is an
+error, both in a config file and on the command line, so a typo never
+silently does nothing.
+
+Run builders (`config.model.kind` tells the trainer which objective runs):
+  get_config()              stage 1 ('metis') and S2A ('s2a'): model, masking,
+                            decode, train, mesh, checkpoint, logging, data, seed.
+  acoustic_codec_config()   'acoustic_codec': acoustic_codec_model, _train,
+                            audio_data_config, mesh, checkpoint, logging, seed.
+  semantic_codec_config()   'semantic_codec': the same plus `features`.
+The run sections (mesh, checkpoint, logging, seed) are shared by all of them.
 """
 
 import ml_collections
@@ -43,6 +52,19 @@ def model_config() -> ml_collections.ConfigDict:
   # Multiply the adapter output by a learned scalar initialized to 0 (an exact
   # no-op at the start of fine-tuning). L2S in the release uses no gate.
   c.adapter_gated = True
+  # Frame feature the adapter reads: 'w2v_bert' (normalized w2v-BERT 2.0 layer 17,
+  # the released fine-tunes) or 'cheap' (160-d log-mel pairs at 50 Hz of the tiny
+  # demo fine-tunes); see frontend/condition_features.py.
+  c.cond_feature = "w2v_bert"
+  # LoRA (W + lora_alpha / lora_rank * B A) on the backbone's linear maps, for
+  # fine-tuning; 0 = none. Released SE/TSE: r 32, alpha 64; VC: r 16, alpha 32.
+  c.lora_rank = 0
+  # The update is scaled by lora_alpha / lora_rank.
+  c.lora_alpha = 0.0
+  # Dropout on the LoRA input while training (released: 0.01).
+  c.lora_dropout = 0.0
+  # Adapted maps: any of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+  c.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
   # S2A only: number of acoustic codec layers (residual VQ depth) the model
   # embeds: 12 for the full model, 1 for the model that predicts layer 0.
   c.num_quantizers = 12
@@ -177,6 +199,10 @@ def train_config() -> ml_collections.ConfigDict:
   # optimizer state stay unchanged and `state.skipped_steps` counts it. Off
   # lets a non-finite update through (and poisons the weights).
   c.skip_nonfinite = True
+  # A run whose last updates were all skipped, more than this many in a row,
+  # has diverged: it ends with a non-zero exit status (checkpointing.final_status).
+  # 0 disables the check.
+  c.max_consecutive_skips = 100
   # Train on a synthetic, deterministic token source instead of the corpus in
   # `config.data` (smoke tests, benchmarks, the laptop demo). Each sequence
   # is a run-length pattern like SSL tokens (random ids repeated 1-6 times,
@@ -241,6 +267,7 @@ def mesh_config() -> ml_collections.ConfigDict:
       ("conv_out", None),
       ("codebook", None),
       ("quantizer", None),
+      ("lora_rank", None),
   )
   return c
 
@@ -265,6 +292,9 @@ def checkpoint_config() -> ml_collections.ConfigDict:
   # On SIGTERM (preemption, scancel, Ctrl-C via kill), save at the current
   # step and exit cleanly.
   c.save_on_preemption = True
+  # Seconds a process waits for the others' verdict on a checkpoint while
+  # restoring (each exchange) before the restore fails with the reason.
+  c.restore_timeout_s = 600.0
   return c
 
 
@@ -360,9 +390,11 @@ def data_config() -> ml_collections.ConfigDict:
   # Sequences shorter than this many tokens (after the random crop to
   # train.seq_length) are dropped; 50 tokens = 1 s.
   c.min_length = 50
-  # Padded lengths: each batch is padded to the smallest bucket that holds
-  # its longest sequence. Few buckets = few compilations; more buckets = less
-  # padding. The last must be train.seq_length; empty = 4 equal steps.
+  # Padded lengths: each batch is padded to the bucket a schedule assigns it
+  # (from a sample of the data's lengths, the seed and the step: the same on
+  # every host, so no per-step collective); a longer row is cropped to it.
+  # Few buckets = few compilations; more buckets = less padding. The last must
+  # be train.seq_length; empty = 4 equal steps.
   c.bucket_lengths = ()
   # Sequences are sorted by length within windows of this many batches before
   # batching: larger windows waste less on padding, but a restored iterator
@@ -385,17 +417,279 @@ def data_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _with_run_sections(config: ml_collections.ConfigDict,
+                       data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the sections every run has: mesh, checkpoint, logging, its `data` and the seed."""
+  config.mesh = mesh_config()
+  config.checkpoint = checkpoint_config()
+  config.logging = logging_config()
+  config.data = data
+  # Seed of parameter initialization and of the run's PRNG (masks, decoding,
+  # quantizer dropout, dead-code restarts).
+  config.seed = 0
+  return config
+
+
 def get_config() -> ml_collections.ConfigDict:
-  """All defaults. Experiment files call this and override fields."""
+  """All defaults of a stage-1 / S2A run. Experiment files call this and override fields."""
   config = ml_collections.ConfigDict()
   config.model = model_config()
   config.masking = masking_config()
   config.decode = decode_config()
   config.train = train_config()
-  config.mesh = mesh_config()
-  config.checkpoint = checkpoint_config()
-  config.logging = logging_config()
-  config.data = data_config()
-  # Seed of parameter initialization and of the masking/decoding PRNG.
-  config.seed = 0
+  return _with_run_sections(config, data_config())
+
+
+# ----------------------------------------------------------------------------- codecs
+
+
+def acoustic_codec_model_config() -> ml_collections.ConfigDict:
+  """The acoustic codec (models/acoustic_codec.py); defaults are the released model.
+
+  Every field but `kind` is a field of `AcousticCodecConfig`, with its default
+  (tests/test_config.py checks they agree).
+  """
+  c = ml_collections.ConfigDict()
+  # Tells the trainer this is an acoustic-codec run (a GAN: generator and
+  # discriminators, two optimizers).
+  c.kind = "acoustic_codec"
+  # DAC encoder: width of the first convolution (doubled by every block), the
+  # strides of its blocks (their product is the hop), the latent width, and a
+  # tanh on the latent (off in the release).
+  c.encoder_dim = 96
+  c.up_ratios = (3, 4, 5, 8)
+  c.latent_dim = 256
+  c.use_tanh = False
+  # Residual VQ: layers, codes per layer, factorized (projected) code width,
+  # the probability of training with a random number of layers (quantizer
+  # dropout), and the weights of the commitment and codebook losses.
+  c.num_quantizers = 12
+  c.codebook_size = 1024
+  c.codebook_dim = 8
+  c.quantizer_dropout = 0.5
+  c.commitment = 0.25
+  c.codebook_loss_weight = 1.0
+  # Vocos decoder: width, ConvNeXt inner width, blocks; iSTFT head.
+  c.vocos_dim = 512
+  c.vocos_intermediate_dim = 4096
+  c.vocos_num_layers = 30
+  c.n_fft = 1920
+  c.hop_size = 480
+  c.sample_rate = 24000
+  # Weight-normalized convolutions (g, v) as in the original, or plain kernels.
+  c.weight_norm = False
+  # Stack the Vocos blocks with nn.scan (compile time independent of depth).
+  c.scan_layers = True
+  # Compute and parameter dtypes.
+  c.dtype = "float32"
+  c.param_dtype = "float32"
+  return c
+
+
+def acoustic_codec_train_config() -> ml_collections.ConfigDict:
+  """GAN training of the acoustic codec (no recipe is released; Vocos/DAC defaults, spec section 3)."""
+  c = ml_collections.ConfigDict()
+  # Generator (and discriminator) updates of the whole run.
+  c.steps = 400_000
+  # Crops per step over all devices; divisible by the data-parallel size.
+  c.global_batch_size = 16
+  # Seconds per training crop (a multiple of the hop is taken).
+  c.crop_seconds = 1.0
+  # One optimizer per network, both from these fields (training/optimizer.py:
+  # warmup, then `decay` to end_learning_rate_ratio * learning_rate at `steps`).
+  c.learning_rate = 1e-4
+  c.warmup_steps = 0
+  c.decay = "cosine"
+  c.end_learning_rate_ratio = 0.1
+  c.adam_b1 = 0.5
+  c.adam_b2 = 0.9
+  c.adam_eps = 1e-8
+  c.weight_decay = 0.0
+  c.grad_clip_norm = 1000.0
+  # Skip an update whose loss or gradient norm is NaN/Inf (counted per network).
+  c.skip_nonfinite = True
+  # More skipped updates than this in a row at the end: the run failed (0 = no check).
+  c.max_consecutive_skips = 100
+  # Debug only: the generator update of this step (from 1) gets NaN gradients.
+  c.inject_nan_at_step = -1
+  # Loss weights.
+  c.mel_weight = 10.0
+  c.adv_weight = 2.0
+  c.feature_matching_weight = 2.0
+  c.vq_weight = 1.0
+  # Multi-scale mel L1 (DAC): window lengths and mel bins per scale.
+  c.mel_windows = (32, 64, 128, 256, 512, 1024, 2048)
+  c.mel_bins = (5, 10, 20, 40, 80, 160, 320)
+  # Discriminators: HiFi-GAN multi-period and multi-resolution spectrogram.
+  c.mpd_periods = (2, 3, 5, 7, 11)
+  c.mrd_ffts = (128, 256, 512, 1024, 2048)
+  # Channels of the discriminators (the original Vocos sizes are 32..1024).
+  c.disc_channels = 32
+  c.disc_max_channels = 1024
+  # Generator-only steps before the adversarial and feature-matching terms
+  # join the generator loss (the discriminators train from the start).
+  c.disc_start_step = 0
+  # RVQ codebooks at the start: 'data' draws each layer's rows from the first
+  # batch's projected latents (training/codec_step.py says why: with N(0, 1)
+  # rows, 300x larger than the fresh encoder's latents, the RVQ collapsed to
+  # 1-2 codes per layer); 'random' keeps the N(0, 1) init (DAC).
+  c.codebook_init = "data"
+  # Dead-code restarts of the RVQ codebooks (see semantic_codec_train_config);
+  # off for the acoustic codec by default, as in DAC.
+  c.restart_every = 0
+  c.restart_threshold = 1.0
+  return c
+
+
+def semantic_codec_model_config() -> ml_collections.ConfigDict:
+  """The semantic codec (models/semantic_codec.py, RepCodec-style); defaults are the released model.
+
+  Every field but `kind` is a field of `SemanticCodecConfig`, with its default.
+  """
+  c = ml_collections.ConfigDict()
+  # Tells the trainer this is a semantic-codec run.
+  c.kind = "semantic_codec"
+  # Codes (the SSL vocabulary Metis models), input feature width (w2v-BERT
+  # 2.0: 1024), factorized code width, residual layers.
+  c.codebook_size = 8192
+  c.hidden_size = 1024
+  c.codebook_dim = 8
+  c.num_quantizers = 1
+  # Vocos encoder and decoder: width, ConvNeXt inner width, blocks (each).
+  c.vocos_dim = 384
+  c.vocos_intermediate_dim = 2048
+  c.vocos_num_layers = 12
+  # VQ loss weights.
+  c.commitment = 0.15
+  c.codebook_loss_weight = 1.0
+  # Weight-normalized projections (g, v) as in the original, or plain kernels.
+  c.weight_norm = False
+  # Stack the Vocos blocks with nn.scan.
+  c.scan_layers = False
+  # Compute and parameter dtypes.
+  c.dtype = "float32"
+  c.param_dtype = "float32"
+  return c
+
+
+def semantic_codec_train_config() -> ml_collections.ConfigDict:
+  """Training of the semantic codec (the original trainer is not released: these are ours)."""
+  c = ml_collections.ConfigDict()
+  c.steps = 100_000
+  # Crops per step over all devices; divisible by the data-parallel size.
+  c.global_batch_size = 32
+  # Feature frames per training crop (50 per second; audio crops are cut to
+  # give exactly this many w2v-BERT frames).
+  c.crop_frames = 250
+  # training/optimizer.py: warmup, then `decay` to end_learning_rate_ratio *
+  # learning_rate at `steps`.
+  c.learning_rate = 1e-4
+  c.warmup_steps = 1000
+  c.decay = "cosine"
+  c.end_learning_rate_ratio = 0.1
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.99
+  c.adam_eps = 1e-8
+  c.weight_decay = 0.0
+  c.grad_clip_norm = 1.0
+  # Skip an update whose loss or gradient norm is NaN/Inf (counted).
+  c.skip_nonfinite = True
+  # More skipped updates than this in a row at the end: the run failed (0 = no check).
+  c.max_consecutive_skips = 100
+  # Debug only: the update of this step (from 1) gets NaN gradients.
+  c.inject_nan_at_step = -1
+  # Reconstruction = l1_weight * L1 + mse_weight * MSE to the input features
+  # (our decision; the original forward returns only the decoder output).
+  c.l1_weight = 1.0
+  c.mse_weight = 1.0
+  # RVQ codebooks at the start: 'random' (N(0, 1), the RepCodec init) or
+  # 'data' (drawn from the first batch's projected latents, as the acoustic
+  # codec does). 'random' here: drawn codebooks made this codec's VQ losses
+  # diverge in tiny runs, and its restarts keep the codes alive.
+  c.codebook_init = "random"
+  # Dead-code restarts: every `restart_every` steps, codes used fewer than
+  # `restart_threshold` times since the last restart are re-drawn from random
+  # projected encoder outputs of the current batch. 0 disables.
+  c.restart_every = 200
+  c.restart_threshold = 1.0
+  return c
+
+
+def audio_data_config() -> ml_collections.ConfigDict:
+  """Raw audio for codec training (metis_jax/data/waveform_pipeline.py).
+
+  Crops are read at the codec's rate (24 kHz acoustic, 16 kHz semantic):
+  files are decoded, down-mixed and resampled (polyphase) on the fly.
+  """
+  c = ml_collections.ConfigDict()
+  # Audio corpora: folders (wav/flac/mp3/ogg, walked recursively), single
+  # files, globs, or ArrayRecord shards of encoded audio files (a folder or
+  # glob of `*.array_record`, written by `waveform_pipeline.write_audio_shards`).
+  c.train_sources = ()
+  # With no `train_sources`: synthesize the espeak-ng demo corpus under
+  # `<workdir>/demo_data/corpus` (reused on resume) and train on it.
+  c.demo_corpus = False
+  # Mixture weights of train_sources (empty = equal).
+  c.train_weights = ()
+  # Passes over the files; 0 = repeat forever (training).
+  c.num_epochs = 0
+  # Seed of the file shuffle and the crop offsets.
+  c.seed = 0
+  # Grain worker processes decoding audio (0 = in the main process).
+  c.num_workers = 2
+  # Elements each worker prepares ahead.
+  c.worker_buffer_size = 16
+  # Files whose peak stays below this level (dBFS) are skipped as silent
+  # (counted with the undecodable ones).
+  c.silence_threshold_db = -60.0
+  return c
+
+
+def features_config() -> ml_collections.ConfigDict:
+  """Input features of the semantic codec, computed inside the train step from 16 kHz crops."""
+  c = ml_collections.ConfigDict()
+  # 'w2v_bert': normalized layer-`output_layer` features of the released
+  #   w2v-BERT 2.0 (`w2v_bert_weights` + `w2v_bert_stats`), frozen.
+  # 'random_w2v_bert': a randomly initialized encoder of the sizes below
+  #   (seeded by config.seed), no normalization statistics. Its features are
+  #   NOT SSL features (no phonetic content): for tests and smoke runs only.
+  # 'synthetic': no audio; clustered feature-like frames
+  #   (training/codec_data.synthetic_features), for quick checks of the codec itself.
+  c.source = "w2v_bert"
+  # facebook/w2v-bert-2.0 `model.safetensors` and the statistics .npz
+  # (`metis_jax.conversion.w2v_bert.convert_stats`).
+  c.w2v_bert_weights = ""
+  c.w2v_bert_stats = ""
+  # Block whose output is the feature (17 in Metis).
+  c.output_layer = 17
+  # Sizes of the 'random_w2v_bert' encoder (hidden_size must equal
+  # model.hidden_size; the released encoder is read from its file).
+  c.hidden_size = 1024
+  c.num_heads = 16
+  c.intermediate_size = 4096
+  # Compute dtype of the encoder ('bfloat16' on accelerators).
+  c.dtype = "float32"
+  # 'synthetic': number of cluster centers of the frames.
+  c.synthetic_clusters = 512
+  return c
+
+
+CODEC_KINDS = ("acoustic_codec", "semantic_codec")
+
+
+def acoustic_codec_config() -> ml_collections.ConfigDict:
+  """All defaults of an acoustic-codec run (the released size)."""
+  config = ml_collections.ConfigDict()
+  config.model = acoustic_codec_model_config()
+  config.train = acoustic_codec_train_config()
+  return _with_run_sections(config, audio_data_config())
+
+
+def semantic_codec_config() -> ml_collections.ConfigDict:
+  """All defaults of a semantic-codec run (the released size, features from w2v-BERT 2.0)."""
+  config = ml_collections.ConfigDict()
+  config.model = semantic_codec_model_config()
+  config.train = semantic_codec_train_config()
+  config = _with_run_sections(config, audio_data_config())
+  config.features = features_config()
   return config

@@ -9,7 +9,7 @@ import ast
 import dataclasses
 import importlib.util
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import ml_collections
 
@@ -17,8 +17,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
 
+def split_variant(name_or_path: str) -> tuple[str, Optional[str]]:
+  """`configs/s2a.py:tiny` -> (`configs/s2a.py`, 'tiny'); no `:variant` -> (name_or_path, None)."""
+  if ":" in name_or_path and not os.path.exists(name_or_path):
+    path, _, arg = name_or_path.rpartition(":")
+    return path, arg
+  return name_or_path, None
+
+
 def config_path(name_or_path: str) -> str:
-  """`tiny` -> `<repo>/configs/tiny.py`; an existing path is returned as is."""
+  """`tiny` -> `<repo>/configs/tiny.py`; an existing path is returned as is (a `:variant` is dropped)."""
+  name_or_path, _ = split_variant(name_or_path)
   if os.path.exists(name_or_path):
     return name_or_path
   candidate = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".py") else name_or_path + ".py")
@@ -28,15 +37,35 @@ def config_path(name_or_path: str) -> str:
 
 
 def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Runs `get_config()` of a config file and applies `key.path=value` overrides."""
+  """Runs `get_config()` of a config file and applies `key.path=value` overrides.
+
+  `file.py:variant` (as on the command line, big_vision style) calls
+  `get_config('variant')`.
+  """
   path = config_path(name_or_path)
+  _, arg = split_variant(name_or_path)
   spec = importlib.util.spec_from_file_location(f"metis_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config() if arg is None else module.get_config(arg)
   for override in overrides:
     apply_override(config, override)
   return config
+
+
+def load_sibling(config_file: str, sibling: str, variant: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The config of `sibling` (a file beside `config_file`, e.g. `__file__`), with its `variant`.
+
+  How the one-line config files of the old names return a variant of a shared file:
+  `return config_lib.load_sibling(__file__, "s2a.py", "tiny")`.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), sibling)
+  return load_config(path if variant is None else f"{path}:{variant}")
+
+
+def unknown_variant(file: str, variant: str, known) -> ValueError:
+  """The error for a `:variant` a config file does not define."""
+  return ValueError(f"{os.path.basename(file)} has no variant {variant!r}; use one of {', '.join(known)}")
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:

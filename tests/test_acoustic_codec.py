@@ -34,6 +34,7 @@ def _codec(parity_dir):
   return ac.AcousticCodecInference(cfg, params)
 
 
+@pytest.mark.parity
 def test_reproduces_original(parity_dir):
   cfg, params, inputs, expected = _load(parity_dir)
   assert cfg.up_ratios == (3, 4, 5, 8) and cfg.num_quantizers == 12 and cfg.latent_dim == 32
@@ -92,6 +93,7 @@ def test_istft_inverts_a_same_padded_stft():
   np.testing.assert_allclose(np.asarray(y[0]), x, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_encode_decode_shapes_and_quantizer_dropout(parity_dir):
   codec = _codec(parity_dir)
   _, _, inputs, expected = _load(parity_dir)
@@ -123,6 +125,7 @@ def test_encode_decode_shapes_and_quantizer_dropout(parity_dir):
   assert set(np.asarray(kept[:2000]).tolist()) == set(range(1, 13)) and (kept[2000:] == 12).all()
 
 
+@pytest.mark.slow
 def test_padded_batch_equals_items_alone(parity_dir):
   codec = _codec(parity_dir)
   _, _, inputs, expected = _load(parity_dir)
@@ -143,6 +146,7 @@ def test_padded_batch_equals_items_alone(parity_dir):
   np.testing.assert_allclose(out[1], codec.decode(expected["codes_from_wav"])[1], rtol=1e-4, atol=1e-4 * scale)
 
 
+@pytest.mark.slow
 def test_chunked_encoding_equals_whole(parity_dir):
   codec = _codec(parity_dir)
   _, _, inputs, _ = _load(parity_dir)
@@ -255,14 +259,16 @@ def test_released_sizes():
   assert ac.encoder_receptive_field(cfg) < 10 * HOP
 
 
+@pytest.mark.slow
 def test_gan_steps_lower_the_mel_loss(speech_dir):
   """A micro codec (hop 6) with one period and one spectrogram discriminator: 25 generator +
   discriminator steps on one batch of real speech (4x louder than recorded, so that the level,
   the first thing a fresh decoder must learn, is off by a lot) lower the mel loss."""
-  from metis_jax.training import codec_config, codec_state as cts, codec_step as codec_train_step
+  from metis_jax import config_base
+  from metis_jax.training import codec_state as cts, codec_step as codec_train_step
   from metis_jax.parallel import mesh as mesh_lib
   from metis_jax.data import waveform_pipeline
-  config = codec_config.acoustic_config()  # Adam (0.5, 0.9), LSGAN, mel 10, adv 2, feature matching 2
+  config = config_base.acoustic_codec_config()  # Adam (0.5, 0.9), LSGAN, mel 10, adv 2, feature matching 2
   config.model.update(dict(encoder_dim=8, up_ratios=(6,), latent_dim=16, num_quantizers=2, codebook_size=16,
                            codebook_dim=4, vocos_dim=32, vocos_intermediate_dim=32, vocos_num_layers=1,
                            n_fft=24, hop_size=6))
@@ -293,6 +299,7 @@ def test_gan_steps_lower_the_mel_loss(speech_dir):
   assert all(jax.tree_util.tree_leaves(changed))  # the discriminator step trains every weight
 
 
+@pytest.mark.slow
 def test_reconstruction_report(parity_dir, speech_dir):
   from metis_jax.inference import codec_report
   d = os.path.join(parity_dir, "acoustic_codec")
@@ -312,6 +319,7 @@ def test_reconstruction_report(parity_dir, speech_dir):
   assert noisy["si_snr"] < 10
 
 
+@pytest.mark.slow
 def test_report_cross_mel_tells_a_collapsed_codec_from_a_working_one(speech_dir):
   """mel_x (reconstruction vs the next file's audio): a perfect codec scores far from its mel; a
   codec whose output ignores its input scores the same in the mean."""

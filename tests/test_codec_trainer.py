@@ -1,4 +1,4 @@
-"""Codec training with the stage-1 engine: sharded state on a 2-device mesh, exact resume,
+"""Codec training in the one training loop: sharded state on a 2-device mesh, exact resume,
 non-finite updates skipped and never saved, the export, on-the-fly semantic features, and the
 raw-audio Grain pipeline."""
 
@@ -12,10 +12,13 @@ import soundfile
 from jax.sharding import PartitionSpec as P
 
 from metis_jax.training import checkpointing
-from metis_jax.training import codec_config
-from metis_jax.training import codec_loop as codec_train
+from metis_jax.training import codec_data
+from metis_jax.training import codec_objective
 from metis_jax.training import codec_step as codec_train_step
 from metis_jax.training import codec_state as cts
+from metis_jax.training import loop as train_loop
+from metis_jax.training import masked_objective
+from metis_jax import config_base
 from metis_jax import config_lib
 from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.conversion import acoustic_codec as ac_convert
@@ -50,13 +53,14 @@ def _restore(workdir, step, config, devices):
   setup = cts.make_setup(config)
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-  data = codec_train.make_data_iterator(config, setup, mesh, 0, 1)
+  data = codec_data.make_data_iterator(config, setup, mesh, 0, 1)
   try:
     return ckpt.restore(step, cts.abstract_state(setup, mesh), data), data
   finally:
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_acoustic_codec_trains_sharded_resumes_exactly_and_skips_nonfinite(tmp_path, speech_dir):
   devices = jax.devices()[:2]
   # Step 3's generator update gets NaN gradients; dead codes are restarted every 2 steps.
@@ -64,7 +68,7 @@ def test_acoustic_codec_trains_sharded_resumes_exactly_and_skips_nonfinite(tmp_p
       "train.steps=4", "train.inject_nan_at_step=3", "train.restart_every=2",
       f"data.train_sources=('{speech_dir}',)"])
   whole = str(tmp_path / "whole")
-  result = codec_train.train(config, whole, devices=devices, return_state=True)
+  result = train_loop.train(config, whole, devices=devices, return_state=True)
   assert result.final_step == 4 and result.skipped_files == 0
   assert [h["skipped"] for h in result.history] == [0, 0, 1, 0]
   assert [h["disc_skipped"] for h in result.history] == [0, 0, 0, 0]
@@ -100,9 +104,9 @@ def test_acoustic_codec_trains_sharded_resumes_exactly_and_skips_nonfinite(tmp_p
 
   # Killed after step 2 (its checkpoint saved), then resumed: the same results, bit for bit.
   resumed_dir = str(tmp_path / "resumed")
-  killed = codec_train.train(config, resumed_dir, devices=devices, stop_after=2)
+  killed = train_loop.train(config, resumed_dir, devices=devices, stop_after=2)
   assert killed.final_step == 2 and killed.exported == []
-  resumed = codec_train.train(config, resumed_dir, devices=devices, return_state=True)
+  resumed = train_loop.train(config, resumed_dir, devices=devices, return_state=True)
   assert resumed.start_step == 2 and resumed.final_step == 4
   np.testing.assert_equal(_untimed(resumed.history), _untimed(result.history[2:]))  # NaN == NaN here
   _assert_same(resumed.state.params, state.params)
@@ -117,6 +121,7 @@ def test_acoustic_codec_trains_sharded_resumes_exactly_and_skips_nonfinite(tmp_p
                              jax.device_get(state.params["generator"]["decoder"]["quantizer"]["layers_1"]["codebook"]))
 
 
+@pytest.mark.slow
 def test_first_batch_draws_the_codebooks(speech_dir):
   """codebook_init='data': before the first step, every RVQ layer's rows become projected latents
   of the first batch (the codes then sit at the latents' scale), and nothing else changes."""
@@ -127,7 +132,7 @@ def test_first_batch_draws_the_codebooks(speech_dir):
   mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:1])
   state = cts.create_sharded_state(setup, mesh, config.seed)
   before = jax.device_get(state.params["generator"])
-  data = codec_train.make_data_iterator(config, setup, mesh, 0, 1)
+  data = codec_data.make_data_iterator(config, setup, mesh, 0, 1)
   batch = next(data)
   steps = codec_train_step.jit_steps(setup, config, mesh, cts.state_shardings(setup, mesh))
   after = jax.device_get(steps.init_codebooks(state, batch).params["generator"])
@@ -155,7 +160,7 @@ def test_first_batch_draws_the_codebooks(speech_dir):
       "train.global_batch_size=2", "model.vocos_num_layers=1", "mesh.fsdp=1"])
   setup = cts.make_setup(config)
   state = cts.create_sharded_state(setup, mesh, config.seed)
-  batch = next(iter(codec_train.make_data_iterator(config, setup, mesh, 0, 1)))
+  batch = next(iter(codec_data.make_data_iterator(config, setup, mesh, 0, 1)))
   before = jax.device_get(state.params["generator"]["quantizer"]["layers_0"]["codebook"])
   steps = codec_train_step.jit_steps(setup, config, mesh, cts.state_shardings(setup, mesh))
   after = jax.device_get(steps.init_codebooks(state, batch).params["generator"])
@@ -174,6 +179,7 @@ def _untimed(history):
   return [{k: v for k, v in h.items() if not k.endswith("_per_second")} for h in history]
 
 
+@pytest.mark.slow
 def test_semantic_codec_trains_on_features_computed_from_audio(tmp_path, speech_dir):
   """Features from 16 kHz crops through a (random, tiny) w2v-BERT inside the step; the codec
   learns to reconstruct them and keeps many codes alive (dead-code restarts)."""
@@ -181,7 +187,7 @@ def test_semantic_codec_trains_on_features_computed_from_audio(tmp_path, speech_
       "train.steps=40", "train.restart_every=10", "train.crop_frames=25", "mesh.fsdp=2",
       "checkpoint.enabled=False", "logging.tensorboard=False", "logging.log_every_steps=10",
       f"data.train_sources=('{speech_dir}',)"])
-  result = codec_train.train(config, str(tmp_path), devices=jax.devices()[:2])
+  result = train_loop.train(config, str(tmp_path), devices=jax.devices()[:2])
   h = result.history
   assert result.final_step == 40 and len(h) == 40
   first, last = np.mean([x["reconstruction"] for x in h[:3]]), np.mean([x["reconstruction"] for x in h[-3:]])
@@ -202,10 +208,14 @@ def test_codec_configs_are_recognized_and_complete():
   for name, kind in (("acoustic_codec", "acoustic_codec"), ("acoustic_codec_tiny", "acoustic_codec"),
                      ("semantic_codec", "semantic_codec"), ("semantic_codec_tiny", "semantic_codec")):
     config = config_lib.load_config(name)
-    assert config.model.kind == kind and codec_config.is_codec_config(config)
+    assert config.model.kind == kind
+    assert train_loop.OBJECTIVES[config.model.kind] is codec_objective.CodecObjective
     for section in ("model", "train", "mesh", "checkpoint", "logging", "data"):
       assert section in config, (name, section)
-  assert not codec_config.is_codec_config(config_lib.load_config("tiny"))
+  assert isinstance(train_loop.make_objective(config_lib.load_config("tiny")), masked_objective.MaskedObjective)
+  assert isinstance(train_loop.make_objective(config_lib.load_config("acoustic_codec")), codec_objective.CodecObjective)
+  with pytest.raises(ValueError, match="model.kind"):
+    train_loop.make_objective(config_lib.load_config("tiny", ["model.kind=wavenet"]))
   tiny = cts.make_setup(config_lib.load_config("semantic_codec_tiny"))
   assert tiny.encoder.hidden_size == tiny.codec_config.hidden_size and tiny.sample_rate == 16000
 
@@ -227,7 +237,7 @@ def _corpus(tmp_path, speech_dir):
 
 
 def _data_cfg(source):
-  cfg = codec_config.data_config()
+  cfg = config_base.audio_data_config()
   cfg.train_sources = (source,)
   cfg.num_workers = 0
   return cfg

@@ -68,6 +68,7 @@ def read_metrics(workdir: str) -> dict[int, dict]:
 RUN = ("train.steps=40",)  # every engine run below shares this, so they share compilations
 
 
+@pytest.mark.slow
 def test_engine_trains_tiny_s2a_on_synthetic_data(tmp_path):
   config = s2a_config(*RUN, "checkpoint.enabled=False")
   result = train.train(config, str(tmp_path), return_state=True)
@@ -100,6 +101,7 @@ def _steps(config, num_devices: int, steps: int = 2):
   return out
 
 
+@pytest.mark.slow
 def test_microbatches_share_the_target_layer_and_match_one_batch():
   one = _steps(s2a_config(*RUN), 8)
   accum = _steps(s2a_config(*RUN, "train.grad_accum_steps=2", "mesh.fsdp=1"), 1)
@@ -116,6 +118,7 @@ def acoustic_shards(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_gives_the_uninterrupted_run(tmp_path, acoustic_shards, monkeypatch):
   overrides = RUN + ("train.synthetic_data=False", f"data.train_sources=('{acoustic_shards}',)",
                      "data.num_workers=0", "data.min_length=8", "data.bucket_lengths=(16,)",
@@ -168,16 +171,6 @@ def test_records_without_acoustic_tokens_are_a_clear_error(tmp_path):
     pipeline.make_local_iterator(config, 0, 1)
 
 
-def test_hosts_padding_to_an_agreed_length_pad_acoustic_tokens_too(monkeypatch):
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(pipeline, "_agree_on_length", lambda length: 16)  # another host's bucket
-  codes = np.arange(5 * 3).reshape(5, 3) + 1
-  batch = pipeline.agree_on_length(pipeline.pad_batch([np.arange(1, 6)], 2, 8, [codes]))
-  assert batch["tokens"].shape == (2, 16) and batch["acoustic_tokens"].shape == (2, 16, 3)
-  np.testing.assert_array_equal(batch["acoustic_tokens"][0, :5], codes)
-  assert not batch["acoustic_tokens"][:, 5:].any() and batch["valid"].sum() == 5
-
-
 def test_s2a_flops_count_the_frame_condition_and_one_head():
   config = config_lib.load_config("s2a_full")
   h, m, t = 1024, 4096, config.train.seq_length
@@ -207,6 +200,7 @@ HELDOUT_RUN = ["model.hidden_size=64", "model.vocab_size=64", "model.cond_vocab_
                "checkpoint.enabled=False", "logging.tensorboard=False"]
 
 
+@pytest.mark.slow
 def test_tiny_s2a_on_the_demo_corpus_beats_chance_and_the_majority_code(tmp_path):
   started = time.perf_counter()
   config = config_lib.load_config("s2a_tiny_1layer", HELDOUT_RUN)

@@ -31,6 +31,7 @@ def _fns(model):
           jit(sc.SemanticCodec.decode))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("scan", [False, True])
 def test_reproduces_original(parity_dir, scan):
   path, inputs, expected = _fixture(parity_dir)
@@ -147,10 +148,12 @@ def test_released_size():
   assert shapes["quantizer.quantizers.0.codebook.weight"] == (8192, 8)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_uses_many_codes():
-  from metis_jax.training import codec_config, codec_loop as codec_train, codec_state as cts, codec_step as codec_train_step
+  from metis_jax import config_base
+  from metis_jax.training import codec_data, codec_state as cts, codec_step as codec_train_step
   from metis_jax.parallel import mesh as mesh_lib
-  config = codec_config.semantic_config()
+  config = config_base.semantic_codec_config()
   config.model.update(dict(codebook_size=256, hidden_size=64, vocos_dim=32, vocos_intermediate_dim=64,
                            vocos_num_layers=2))
   config.features.source = "synthetic"
@@ -164,7 +167,7 @@ def test_training_lowers_the_loss_and_uses_many_codes():
   rng = np.random.default_rng(0)
   history = []
   for _ in range(60):
-    feat = jnp.asarray(codec_train.synthetic_features(rng, 8, 50, 64, clusters=256))
+    feat = jnp.asarray(codec_data.synthetic_features(rng, 8, 50, 64, clusters=256))
     state, m = step(state, {"features": feat})
     history.append({k: float(v) for k, v in m.items()})
   first, last = np.mean([h["loss"] for h in history[:3]]), np.mean([h["loss"] for h in history[-3:]])

@@ -196,3 +196,31 @@ def test_train_cli_rejects_unknown_config_keys(tmp_path):
              "--workdir", str(tmp_path), "--config.train.stepz=3"], dict(JAX_PLATFORMS="cpu"))
   assert out.returncode != 0 and "stepz" in out.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_run_logger_reports_the_objectives_unit_and_rewrites_metrics_past_a_resume(tmp_path):
+  from metis_jax.training import objective, run_logger  # pylint: disable=import-outside-toplevel
+  config = lib.tiny_config("logging.tensorboard=False", "train.steps=3")
+  lines = []
+  progress = objective.Progress("audio_seconds", 2.0, lambda step, total, v: lines.append((step, total)) or "x")
+  logger = run_logger.RunLogger(str(tmp_path), config, progress, 1, "cpu", is_writer=True, resume_step=0)
+  fake = lambda v: {"loss": jnp.float32(v), "grad_norm": jnp.float32(1.0)}
+  for step in (1, 2, 3):
+    logger.push(step, fake(step))
+  logger.close()
+  last = logger.history[-1]
+  assert last["audio_seconds_per_second"] == 2.0 * last["steps_per_second"] and "mfu" not in last
+  assert lines[-1] == (3, 3)
+  # A run resumed from step 1 drops what the first run logged after it.
+  resumed = run_logger.RunLogger(str(tmp_path), config, progress, 1, "cpu", is_writer=True, resume_step=1)
+  resumed.push(2, fake(20.0))
+  resumed.close()
+  logged = lib.read_metrics(str(tmp_path))
+  assert sorted(logged) == [1, 2] and logged[2]["loss"] == 20.0 and logged[1]["loss"] == 1.0
+
+
+def test_trailing_skips_count_the_skipped_updates_at_the_end():
+  from metis_jax.training import loop  # pylint: disable=import-outside-toplevel
+  history = [{"skipped": 1.0}, {"skipped": 0.0}, {"skipped": 1.0}, {"skipped": 0.0, "disc_skipped": 1.0}]
+  assert loop.trailing_skips(history) == 2
+  assert loop.trailing_skips(history[:2]) == 0 and loop.trailing_skips([]) == 0

@@ -224,7 +224,7 @@ def make_local_iterator(data_cfg, *, sample_rate: int, crop: int, batch_size: in
   """This host's batches of crops (see the module doc for the format).
 
   Args:
-    data_cfg: `config.data` (codec_config.data_config), with `train_sources` set.
+    data_cfg: `config.data` (config_base.audio_data_config), with `train_sources` set.
     sample_rate: the codec's rate (files are resampled to it).
     crop: samples per crop.
     batch_size: rows per host batch (the global batch / process_count).

@@ -85,66 +85,6 @@ class AcousticCodecConfig:
 KIND = "acoustic_codec"  # `config.model.kind` of an acoustic-codec run (metis_jax.codec_train)
 
 
-def model_config() -> ml_collections.ConfigDict:
-  """`config.model` of the acoustic codec (the released sizes), tagged with `kind`."""
-  c = config_lib.config_from_dataclass(AcousticCodecConfig())
-  c.kind = KIND
-  return c
-
-
-def train_config() -> ml_collections.ConfigDict:
-  """GAN training knobs (no recipe is released; Vocos/DAC defaults, see the spec §3)."""
-  c = ml_collections.ConfigDict()
-  # Generator (and discriminator) updates of the whole run.
-  c.steps = 400_000
-  # Crops per step over all devices; divisible by the data-parallel size.
-  c.global_batch_size = 16
-  # Seconds per training crop (a multiple of the hop is taken).
-  c.crop_seconds = 1.0
-  # One optimizer per network, both from these fields (metis_jax.optimizer:
-  # warmup, then `decay` to end_learning_rate_ratio * learning_rate at `steps`).
-  c.learning_rate = 1e-4
-  c.warmup_steps = 0
-  c.decay = "cosine"
-  c.end_learning_rate_ratio = 0.1
-  c.adam_b1 = 0.5
-  c.adam_b2 = 0.9
-  c.adam_eps = 1e-8
-  c.weight_decay = 0.0
-  c.grad_clip_norm = 1000.0
-  # Skip an update whose loss or gradient norm is NaN/Inf (counted per network).
-  c.skip_nonfinite = True
-  # Debug only: the generator update of this step (from 1) gets NaN gradients.
-  c.inject_nan_at_step = -1
-  # Loss weights.
-  c.mel_weight = 10.0
-  c.adv_weight = 2.0
-  c.feature_matching_weight = 2.0
-  c.vq_weight = 1.0
-  # Multi-scale mel L1 (DAC): window lengths and mel bins per scale.
-  c.mel_windows = (32, 64, 128, 256, 512, 1024, 2048)
-  c.mel_bins = (5, 10, 20, 40, 80, 160, 320)
-  # Discriminators: HiFi-GAN multi-period and multi-resolution spectrogram.
-  c.mpd_periods = (2, 3, 5, 7, 11)
-  c.mrd_ffts = (128, 256, 512, 1024, 2048)
-  # Channels of the discriminators (the original Vocos sizes are 32..1024).
-  c.disc_channels = 32
-  c.disc_max_channels = 1024
-  # Generator-only steps before the adversarial and feature-matching terms
-  # join the generator loss (the discriminators train from the start).
-  c.disc_start_step = 0
-  # RVQ codebooks at the start: 'data' draws each layer's rows from the first
-  # batch's projected latents (metis_jax/codec_train_step.py says why: with
-  # N(0, 1) rows, 300x larger than the fresh encoder's latents, the RVQ
-  # collapsed to 1-2 codes per layer); 'random' keeps the N(0, 1) init (DAC).
-  c.codebook_init = "data"
-  # Dead-code restarts of the RVQ codebooks (see semantic_codec.train_config);
-  # off for the acoustic codec by default, as in DAC.
-  c.restart_every = 0
-  c.restart_threshold = 1.0
-  return c
-
-
 # ----------------------------------------------------------------------------- encoder
 
 

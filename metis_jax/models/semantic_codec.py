@@ -53,54 +53,6 @@ class SemanticCodecConfig:
 KIND = "semantic_codec"  # `config.model.kind` of a semantic-codec run (metis_jax.codec_train)
 
 
-def model_config() -> ml_collections.ConfigDict:
-  """`config.model` of the semantic codec (the released sizes), tagged with `kind`."""
-  c = config_lib.config_from_dataclass(SemanticCodecConfig())
-  c.kind = KIND
-  return c
-
-
-def train_config() -> ml_collections.ConfigDict:
-  """Training knobs (the original trainer is not released: these are ours)."""
-  c = ml_collections.ConfigDict()
-  c.steps = 100_000
-  # Crops per step over all devices; divisible by the data-parallel size.
-  c.global_batch_size = 32
-  # Feature frames per training crop (50 per second; audio crops are cut to
-  # give exactly this many w2v-BERT frames).
-  c.crop_frames = 250
-  # metis_jax.optimizer: warmup, then `decay` to end_learning_rate_ratio *
-  # learning_rate at `steps`.
-  c.learning_rate = 1e-4
-  c.warmup_steps = 1000
-  c.decay = "cosine"
-  c.end_learning_rate_ratio = 0.1
-  c.adam_b1 = 0.9
-  c.adam_b2 = 0.99
-  c.adam_eps = 1e-8
-  c.weight_decay = 0.0
-  c.grad_clip_norm = 1.0
-  # Skip an update whose loss or gradient norm is NaN/Inf (counted).
-  c.skip_nonfinite = True
-  # Debug only: the update of this step (from 1) gets NaN gradients.
-  c.inject_nan_at_step = -1
-  # Reconstruction = l1_weight * L1 + mse_weight * MSE to the input features
-  # (our decision; the original forward returns only the decoder output).
-  c.l1_weight = 1.0
-  c.mse_weight = 1.0
-  # RVQ codebooks at the start: 'random' (N(0, 1), the RepCodec init) or
-  # 'data' (drawn from the first batch's projected latents, as the acoustic
-  # codec does). 'random' here: drawn codebooks made this codec's VQ losses
-  # diverge in tiny runs, and its restarts keep the codes alive.
-  c.codebook_init = "random"
-  # Dead-code restarts: every `restart_every` steps, codes used fewer than
-  # `restart_threshold` times since the last restart are re-drawn from random
-  # projected encoder outputs of the current batch. 0 disables.
-  c.restart_every = 200
-  c.restart_threshold = 1.0
-  return c
-
-
 class VocosProjection(nn.Module):
   """VocosBackbone(in -> dim) followed by Linear(dim -> out): one `nn.Sequential` of the original."""
   dim: int

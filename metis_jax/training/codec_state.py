@@ -145,7 +145,7 @@ def _file_encoder_config(f: ml_collections.ConfigDict) -> w2v_bert.W2VBertConfig
 
 
 def make_setup(config: ml_collections.ConfigDict) -> CodecSetup:
-  """Models, optimizers, rules and crop sizes of a codec run config (`codec_config`)."""
+  """Models, optimizers, rules and crop sizes of a codec run config (`config_base.*_codec_config`)."""
   kind = config.model.get("kind", "")
   rules = mesh_lib.logical_rules(config)
   t = config.train

@@ -41,7 +41,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from jax.sharding import Mesh
 
 from metis_jax.models import acoustic_codec as ac
@@ -49,6 +48,7 @@ from metis_jax.training import codec_losses
 from metis_jax.nn import spectral
 from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.training import optimizer as optimizer_lib
+from metis_jax.training import update as update_lib
 from metis_jax.models import semantic_codec as sc
 from metis_jax.frontend import ssl_features
 from metis_jax.training.codec_state import DISCRIMINATOR, GENERATOR, CodecSetup, CodecTrainState
@@ -59,28 +59,7 @@ Batch = dict[str, jax.Array]
 
 def step_key(state: CodecTrainState) -> jax.Array:
   """The PRNG key of the step about to run."""
-  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-
-def guarded_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any,
-                   loss: jax.Array, skip_nonfinite: bool, poison: jax.Array | bool = False):
-  """One optimizer update, skipped when the loss or the gradient norm is not finite.
-
-  Args:
-    poison: debug; NaN gradients when True (exercises the guard).
-
-  Returns:
-    (params, opt_state, grad_norm, skipped bool scalar).
-  """
-  grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
-  grad_norm = optax.tree.norm(grads)
-  updates, new_opt_state = tx.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  if not skip_nonfinite:
-    return new_params, new_opt_state, grad_norm, jnp.zeros((), bool)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-  return keep(new_params, params), keep(new_opt_state, opt_state), grad_norm, ~ok
+  return update_lib.step_key(state.rng, state.step)
 
 
 def restart_codebooks(quantizer: dict, usage: jax.Array, z_e: jax.Array, valid: Optional[jax.Array],
@@ -229,7 +208,7 @@ def semantic_step(state: CodecTrainState, batch: Batch, encoder: Any, *, setup: 
     return rec + out.commit_loss + out.codebook_loss, (rec, out)
 
   (loss, (rec, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  new_params, opt_state, grad_norm, skipped = guarded_update(
+  new_params, opt_state, grad_norm, skipped = update_lib.guarded_update(
       setup.txs[GENERATOR], grads, state.opt_state[GENERATOR], params, loss, t.skip_nonfinite,
       state.step + 1 == t.inject_nan_at_step)
   new_params, usage, batch_usage, restarted = maybe_restart(
@@ -287,7 +266,7 @@ def generator_step(state: CodecTrainState, batch: Batch, *, setup: CodecSetup,
                         codebook=out.codebook_loss), out)
 
   (loss, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  new_params, opt_state, grad_norm, skipped = guarded_update(
+  new_params, opt_state, grad_norm, skipped = update_lib.guarded_update(
       setup.txs[GENERATOR], grads, state.opt_state[GENERATOR], params, loss, t.skip_nonfinite,
       state.step + 1 == t.inject_nan_at_step)
   new_params, usage, batch_usage, restarted = maybe_restart(
@@ -322,7 +301,7 @@ def discriminator_step(state: CodecTrainState, batch: Batch, fake: jax.Array, *,
     return codec_losses.lsgan_discriminator_loss(real_logits, fake_logits)
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
-  new_params, opt_state, grad_norm, skipped = guarded_update(
+  new_params, opt_state, grad_norm, skipped = update_lib.guarded_update(
       setup.txs[DISCRIMINATOR], grads, state.opt_state[DISCRIMINATOR], params, loss, t.skip_nonfinite)
   skipped_steps = dict(state.skipped_steps)
   skipped_steps[DISCRIMINATOR] = skipped_steps[DISCRIMINATOR] + skipped.astype(jnp.int32)

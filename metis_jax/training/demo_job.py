@@ -13,15 +13,14 @@ is Griffin-Lim over the acoustic tokenizer's mel (`inference.mel_renderer`,
 nothing to train). `inference.demo_bundle.load_bundle(workdir)` reads it.
 """
 
-import importlib.util
 import json
 import os
-import sys
 import time
 from typing import Callable, Optional
 
 import ml_collections
 
+from metis_jax import config_lib
 from metis_jax.data import demo, fingerprint
 
 BUNDLE_NAME = "decode_bundle.json"
@@ -40,16 +39,7 @@ def load_config(filename: str) -> ml_collections.ConfigDict:
   path = os.path.join(configs_dir(), filename)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"error: {path}: config not found (the demo job needs the repository's configs/)")
-  spec = importlib.util.spec_from_file_location(f"demo_job_{filename[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def train_model(config: ml_collections.ConfigDict, workdir: str):
-  """Trains one model with the shared loop (the one place that knows its signature)."""
-  from metis_jax.training import loop  # pylint: disable=import-outside-toplevel
-  return loop.train(config, workdir)
+  return config_lib.load_config(path)
 
 
 def is_demo_stage1(config: ml_collections.ConfigDict) -> bool:
@@ -73,7 +63,7 @@ def _with(config: ml_collections.ConfigDict, steps: Optional[int], sources=None)
 def run_demo_job(workdir: str, stage1_config: ml_collections.ConfigDict, *, train_stage1: bool = True,
                  stage1_steps: Optional[int] = None, s2a_steps: Optional[dict] = None,
                  log: Callable[[str], None] = lambda s: print(s, flush=True),
-                 train: Callable = None) -> dict:
+                 train: Callable) -> dict:
   """Trains stage 1 and both S2A models on the demo; writes lineage and `decode_bundle.json`.
 
   Args:
@@ -83,12 +73,12 @@ def run_demo_job(workdir: str, stage1_config: ml_collections.ConfigDict, *, trai
     stage1_steps: overrides `stage1_config.train.steps`.
     s2a_steps: {'s2a_1layer': n, 's2a_full': n} overrides the S2A configs' steps.
     log: progress lines.
-    train: `train(config, workdir)` (default `train_model`).
+    train: `train(config, workdir)`, the training loop's entry (`loop.train`; passed in so that
+      this module and the loop do not import each other).
 
   Returns:
     the bundle (what `decode_bundle.json` holds), plus 'seconds' per part.
   """
-  train = train or train_model
   s2a_steps = dict(s2a_steps or {})
   if not is_demo_stage1(stage1_config):
     raise ValueError("error: the demo job needs a stage-1 config on the demo corpus (data.demo_corpus=True, "
@@ -141,19 +131,3 @@ def run_demo_job(workdir: str, stage1_config: ml_collections.ConfigDict, *, trai
       f"--model {workdir} --prompt_wav {os.path.join(data_dir, 'corpus', 'en', 'en_m1', 'en_m1_007.wav')} "
       "--target_seconds 3 --out continued.wav")
   return dict(bundle, seconds=seconds)
-
-
-def main(argv=None) -> None:
-  """`python -m metis_jax.training.demo_job WORKDIR [STAGE1_STEPS S2A_1LAYER_STEPS S2A_FULL_STEPS]`."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv:
-    raise SystemExit("usage: python -m metis_jax.training.demo_job WORKDIR [stage1 s2a_1layer s2a_full steps]")
-  steps = [int(s) for s in argv[1:4]] + [None] * 3
-  t0 = time.perf_counter()
-  out = run_demo_job(argv[0], load_config("tiny.py"), stage1_steps=steps[0],
-                     s2a_steps={"s2a_1layer": steps[1], "s2a_full": steps[2]})
-  print(json.dumps({"seconds": out["seconds"], "total": time.perf_counter() - t0}))
-
-
-if __name__ == "__main__":
-  main()

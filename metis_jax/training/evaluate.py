@@ -185,9 +185,9 @@ def restore_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any
 def run(config: ml_collections.ConfigDict, workdir: str, heldout: Optional[str] = None,
         repeats: int = 4, params: Any = None) -> EvalReport:
   """Evaluates the run in `workdir` (or `params`) on `heldout` (default: the demo's held-out part)."""
-  from metis_jax.training import loop as train  # pylint: disable=import-outside-toplevel
+  from metis_jax.training import masked_objective  # pylint: disable=import-outside-toplevel
   heldout = heldout or default_heldout(config, workdir)
-  config = train.with_demo_data(config, workdir)
+  config = masked_objective.with_demo_data(config, workdir)
   if params is None:
     params, _ = restore_params(config, workdir)
   objective = train_objectives.make_objective(config)

@@ -1,60 +1,81 @@
-r"""Trains a masked generative model: stage-1 Metis (SSL tokens) or S2A (acoustic codec tokens).
+r"""The training loop, one for every kind of run: stage-1 Metis, S2A, and the two codecs.
 
   python -m metis_jax.train --config configs/tiny.py --workdir /tmp/metis_tiny
   python -m metis_jax.train --config configs/metis_base.py --workdir gs://B/run \
       --config.train.global_batch_size=512 --config.mesh.fsdp=-1
-  python -m metis_jax.train --config configs/s2a_tiny.py --workdir /tmp/s2a_tiny
+  python -m metis_jax.train --config configs/s2a.py:tiny --workdir /tmp/s2a_tiny
   python -m metis_jax.train --config configs/s2a_full.py --workdir gs://B/s2a \
       --config.data.train_sources='("gs://B/shards_with_acoustic_tokens",)'
+  python -m metis_jax.train --config configs/acoustic_codec.py:tiny --workdir /tmp/codec_tiny
+  python -m metis_jax.train --config configs/semantic_codec.py --workdir /tmp/sem \
+      --config.features.w2v_bert_weights=w2v-bert-2.0/model.safetensors \
+      --config.features.w2v_bert_stats=w2v_stats.npz --config.data.train_sources='("/data/x",)'
 
-`config.model.kind` picks the objective ('metis' or 's2a', see
-`train_objectives`); the loop, sharding, checkpoints and metrics are shared.
-Codec configs ('acoustic_codec', 'semantic_codec') are handed to
-`metis_jax.codec_train.train`:
-
-  python -m metis_jax.train --config configs/acoustic_codec_tiny.py --workdir /tmp/codec_tiny
+(`python -m metis_jax.codec_train` is the same command.) `config.model.kind`
+picks the objective (`OBJECTIVES`; see `training/objective.py`): its state,
+steps, batches, progress line and export. Everything else is here, once:
+the mesh, restore or fresh sharded state, the profile window, SIGTERM,
+metrics, checkpoints, the final save and the export.
 
 Every `config` field can be overridden as `--config.a.b=value`; unknown keys
 are errors. The run resumes from the newest checkpoint in `<workdir>` if
-there is one. Multi-process jobs: see `metis_jax/distributed.py` and
-`launch/`.
+there is one (the same results as an uninterrupted run). Multi-process jobs:
+see `metis_jax/parallel/distributed.py` and `launch/`.
 
 Outputs in `<workdir>`: `checkpoints/`, `tensorboard/`, `metrics.jsonl`
-(one JSON line per step, process 0), `profile/` (when enabled), and
-`config.json`.
+(one JSON line per step, process 0), `profile/` (when enabled),
+`config.json`, and what the objective exports (codecs: the released
+safetensors files).
 """
 
 import dataclasses
-import json
 import logging as std_logging
 import os
+import sys
 import time
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from metis_jax.training import checkpointing
-from metis_jax.training import codec_config
 from metis_jax.parallel import distributed
-from metis_jax.training import input_pipeline
 from metis_jax.parallel import mesh as mesh_lib
-from metis_jax.models import metis
+from metis_jax.data import fingerprint
+from metis_jax.training import checkpointing
+from metis_jax.training import codec_objective
+from metis_jax.training import masked_objective
 from metis_jax.training import metrics as metrics_lib
-from metis_jax.training import objectives as train_objectives
-from metis_jax.training import state as train_state
-from metis_jax.training import step as train_step_lib
+from metis_jax.training import objective as objective_lib
+from metis_jax.training import run_logger
 
 FLAGS = flags.FLAGS
+
+# `config.model.kind` -> the objective's class (`from_config(config)` builds it).
+OBJECTIVES = {
+    "metis": masked_objective.MaskedObjective,
+    "s2a": masked_objective.MaskedObjective,
+    "acoustic_codec": codec_objective.CodecObjective,
+    "semantic_codec": codec_objective.CodecObjective,
+}
+
+
+def make_objective(config: ml_collections.ConfigDict) -> objective_lib.Objective:
+  """The objective of `config.model.kind`."""
+  kind = config.model.get("kind", "metis")
+  if kind not in OBJECTIVES:
+    raise ValueError(f"config.model.kind={kind!r} is not one of {sorted(OBJECTIVES)}; "
+                     "start the config from metis_jax/config_base.py")
+  return OBJECTIVES[kind].from_config(config)
 
 
 def define_flags() -> None:
   """The command-line flags (defined only when run as a program, so importing is free)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).",
                                   lock_config=True)
-  flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints and logs.")
+  flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, logs and exports.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process jobs.")
   flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
   flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
@@ -63,12 +84,28 @@ def define_flags() -> None:
 
 @dataclasses.dataclass
 class TrainResult:
-  """What a run did (for tests and scripts)."""
+  """What a run did (for tests and scripts).
+
+  Attributes:
+    final_step, start_step: steps done at the end and at the start (a resumed run starts > 0).
+    preempted: stopped by SIGTERM (after saving).
+    history: every step's metrics as read (floats, with `step`).
+    exported: paths the objective wrote at the end (none when stopped by `stop_after`).
+    skipped_files: input files the pipeline could not use (audio pipelines count them).
+    state: the final state when asked for.
+    ok, reason: whether the run may exit 0 (`checkpointing.final_status`: finite
+      parameters, no more than `train.max_consecutive_skips` skipped updates in a row
+      at the end), and why not.
+  """
   final_step: int
   start_step: int
   preempted: bool
   history: list
-  state: Optional[train_state.TrainState] = None
+  exported: list = dataclasses.field(default_factory=list)
+  skipped_files: int = 0
+  state: Optional[Any] = None
+  ok: bool = True
+  reason: str = "ok"
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -78,92 +115,71 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
-class _JsonlWriter:
-  """One JSON line of metrics per step into `<workdir>/metrics.jsonl` (process 0)."""
-
-  def __init__(self, workdir: str):
-    self.file = None
-    if jax.process_index() == 0 and "://" not in workdir:
-      os.makedirs(workdir, exist_ok=True)
-      self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-  def write(self, values: Optional[dict]) -> None:
-    if self.file is not None and values is not None:
-      self.file.write(json.dumps(values) + "\n")
-      self.file.flush()
-
-  def close(self) -> None:
-    if self.file is not None:
-      self.file.close()
+_STEPS_CACHE: dict = {}
 
 
-def with_demo_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """With `data.demo_corpus` and no sources, builds the demo shards and trains on them.
-
-  For S2A (`model.kind = 's2a'`) the shards also carry the demo's acoustic
-  tokens (a residual k-means of log-mel frames with `model.vocab_size` codes,
-  not a neural codec; see `metis_jax.data.demo`), and the last sentence of
-  every voice is held out of training (for `train_eval`).
-  """
-  if config.train.synthetic_data or config.data.train_sources or not config.data.demo_corpus:
-    return config
-  from metis_jax.data import demo  # pylint: disable=import-outside-toplevel
-  ssl_vocab = train_objectives.cond_vocab_size(config)
-  if config.data.kmeans_clusters != ssl_vocab:
-    what = "model.cond_vocab_size" if train_objectives.kind_of(config) == "s2a" else "model.vocab_size"
-    raise ValueError(f"data.kmeans_clusters ({config.data.kmeans_clusters}) must equal "
-                     f"{what} ({ssl_vocab}) to train on the demo corpus")
-  acoustic = config.model.vocab_size if train_objectives.acoustic_layers(config) else 0
-  shards = demo.prepare(os.path.join(workdir, "demo_data"), config.data, log=logging.info,
-                        acoustic_codebook_size=acoustic)
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.data.train_sources = (shards,)
-  return config
+def _compiled_steps(objective: objective_lib.Objective, config: ml_collections.ConfigDict,
+                    mesh) -> objective_lib.Steps:
+  """`objective.compile`, memoized per (config, mesh): a process that trains the same config again
+  (a resumed run in a test or a notebook) does not compile again. One run's steps at a time."""
+  key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat),
+         tuple(mesh.shape.items()))
+  if key not in _STEPS_CACHE:
+    _STEPS_CACHE.clear()
+    _STEPS_CACHE[key] = objective.compile(config, mesh)
+  return _STEPS_CACHE[key]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, return_state: bool = False) -> TrainResult:
-  """Runs (or resumes) training until `config.train.steps` or SIGTERM.
+def _write_lineage(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records which tokenizers made the training data (`lineage.json`), so decode can refuse a
+  model paired with a tokenizer or codec it was not trained on."""
+  sources = config.data.get("train_sources", ()) if "data" in config else ()
+  if jax.process_index() != 0 or "://" in workdir or not sources:
+    return
+  lineage = fingerprint.lineage_of_sources(sources)
+  if lineage:
+    fingerprint.write_lineage(workdir, lineage)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, return_state: bool = False, *,
+          devices: Optional[Sequence] = None, stop_after: Optional[int] = None) -> TrainResult:
+  """Runs (or resumes) training until `config.train.steps` or SIGTERM, then exports.
 
   Args:
-    config: the run config (see `config_base`).
+    config: the run config (`config_base`; `config.model.kind` picks the objective).
     workdir: run directory.
-    return_state: keep the final TrainState in the result (tests).
+    return_state: keep the final state in the result (tests).
+    devices: the mesh's devices (default all).
+    stop_after: stop after this step without a final save or export, as if
+      the job were killed there (tests); the schedule still spans `train.steps`.
   """
-  mesh = mesh_lib.create_mesh(config.mesh)
-  setup = train_state.make_setup(config)
-  shardings = train_state.state_shardings(setup, mesh)
-  config = with_demo_data(config, workdir)
-  data = input_pipeline.make_train_iterator(config, mesh)
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  objective = make_objective(config)
+  config = objective.prepare(config, workdir)
+  data = objective.data_iterator(config, mesh)
   _write_config(workdir, config)
+  _write_lineage(workdir, config)
   ckpt = (checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
           if config.checkpoint.enabled else None)
-
-  latest = ckpt.latest_step() if ckpt else None
-  if latest is not None:
-    logging.info("resuming from checkpoint %d", latest)
-    state = ckpt.restore(latest, train_state.abstract_state(setup, mesh), data)
+  # The newest intact checkpoint (damaged ones are skipped and moved aside), if any.
+  state, restored = ckpt.restore_latest(objective.abstract_state(mesh), data) if ckpt else (None, None)
+  if state is not None:
+    logging.info("resuming from checkpoint %d", restored)
   else:
-    state = train_state.create_sharded_state(setup, mesh, config.seed)
+    state = objective.create_state(mesh, config.seed)
   step = start_step = int(jax.device_get(state.step))
+  steps = _compiled_steps(objective, config, mesh)
+  logging.info("mesh %s; %s", mesh_lib.describe(mesh), objective.describe(state, config))
 
-  n_params = metis.count_params(state.params)
-  logging.info("model.kind %r; mesh %s; %.1fM parameters; global batch %d x %d tokens; "
-               "%.3g training FLOPs/token", setup.objective.kind,
-               mesh_lib.describe(mesh), n_params / 1e6, config.train.global_batch_size,
-               config.train.seq_length,
-               metrics_lib.training_flops_per_token(config.model, config.train.seq_length))
-  step_fn = train_step_lib.jit_train_step(setup, config, mesh, shardings,
-                                          input_pipeline.batch_spec(config))
-  logger = metrics_lib.MetricsLogger(workdir, config, mesh.devices.size,
-                                     mesh.devices.flat[0].device_kind)
-  jsonl = _JsonlWriter(workdir)
+  logger = run_logger.RunLogger(workdir, config, objective.progress(config), mesh.devices.size,
+                                mesh.devices.flat[0].device_kind, resume_step=start_step)
   profile = metrics_lib.ProfileWindow(workdir, config.logging.profile_start_step,
                                       config.logging.profile_num_steps)
   watcher = checkpointing.PreemptionWatcher(config.checkpoint.save_on_preemption)
-  preempted = False
   total = config.train.steps
+  preempted = killed = False
   started = time.perf_counter()
+  local = getattr(data, "local", None)
   try:
     while step < total:
       profile.before_step(step)
@@ -172,33 +188,55 @@ def train(config: ml_collections.ConfigDict, workdir: str, return_state: bool = 
       except StopIteration:
         logging.warning("the input pipeline ran out of data at step %d (data.num_epochs); stopping", step)
         break
-      state, step_metrics = step_fn(state, batch)
+      if step == 0:
+        state = steps.start(state, batch)
+      state, step_metrics = steps(state, batch)
       step += 1
-      jsonl.write(logger.push(step, step_metrics))
+      if hasattr(local, "skipped_files"):
+        step_metrics = dict(step_metrics, skipped_files=np.float32(local.skipped_files))
+      logger.push(step, step_metrics)
       if ckpt:
         ckpt.save(step, state, data)
+      if stop_after is not None and step >= stop_after:
+        killed = True
+        break
       if watcher.reached(step):
         preempted = True
         logging.warning("preemption: saving step %d and stopping", step)
         if ckpt:
           ckpt.save(step, state, data, force=True)
         break
-    jsonl.write(logger.flush())
-    if ckpt and step > start_step:
+    logger.flush()
+    if ckpt and step > start_step and not killed:
       ckpt.save(step, state, data, force=True)
   finally:
     profile.end()
     logger.close()
-    jsonl.close()
     watcher.close()
     if ckpt:
       ckpt.close()
     if hasattr(data, "close"):
       data.close()
-  logging.info("stopped at step %d after %.1f s%s", step, time.perf_counter() - started,
-               " (preempted)" if preempted else "")
-  return TrainResult(final_step=step, start_step=start_step, preempted=preempted,
-                     history=logger.history, state=state if return_state else None)
+  exported = [] if killed else objective.export(state, workdir)
+  logging.info("stopped at step %d after %.1f s%s%s", step, time.perf_counter() - started,
+               " (preempted)" if preempted else "", f"; wrote {', '.join(exported)}" if exported else "")
+  ok, reason = checkpointing.final_status(state.params, trailing_skips(logger.history),
+                                          int(config.train.max_consecutive_skips))
+  if not ok:
+    logging.error("the run failed: %s", reason)
+  return TrainResult(final_step=step, start_step=start_step, preempted=preempted, history=logger.history,
+                     exported=exported, skipped_files=int(getattr(local, "skipped_files", 0)),
+                     state=state if return_state else None, ok=ok, reason=reason)
+
+
+def trailing_skips(history: Sequence[dict]) -> int:
+  """Updates skipped in a row at the end of `history` (any network's: `skipped`, `disc_skipped`)."""
+  count = 0
+  for values in reversed(history):
+    if not (values.get("skipped", 0) or values.get("disc_skipped", 0)):
+      break
+    count += 1
+  return count
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -214,17 +252,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if codec_config.is_codec_config(FLAGS.config):
-    # The codecs (model.kind 'acoustic_codec' / 'semantic_codec') train with their own steps
-    # (a GAN has two optimizers) on the same mesh, checkpoint and metrics machinery.
-    from metis_jax.training import codec_loop as codec_train  # pylint: disable=import-outside-toplevel
-    codec_train.train(FLAGS.config, FLAGS.workdir)
-  else:
-    train(FLAGS.config, FLAGS.workdir)
+  from metis_jax.training import demo_job  # pylint: disable=import-outside-toplevel
+  if demo_job.is_demo_stage1(FLAGS.config):
+    # The default job: stage 1, then both S2A models on the same demo data, so that
+    # `decode --model <workdir>` has every part it needs (decode_bundle.json).
+    demo_job.run_demo_job(FLAGS.workdir, FLAGS.config, log=lambda s: print(s, flush=True), train=train)
+  elif not train(FLAGS.config, FLAGS.workdir).ok:
+    sys.exit(1)
 
 
 
 def run_main() -> None:
-  """`python -m metis_jax.train`."""
+  """`python -m metis_jax.train` (and its alias `python -m metis_jax.codec_train`)."""
   define_flags()
   app.run(main)

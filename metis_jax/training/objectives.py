@@ -1,7 +1,8 @@
-"""What the training engine trains, per `config.model.kind`: model, batch keys, corruption, loss.
+"""The masked token losses, per `config.model.kind`: model, batch keys, corruption, loss.
 
-The engine (`train_state`, `train_step`, `train`, `train_compile`) is the
-same for every kind; an `Objective` supplies what differs:
+What `step.train_step` (the step of `masked_objective.MaskedObjective`, one
+of the training loop's objectives, see `objective.py`), `aot_compile` and
+`evaluate` corrupt and score; one class per kind:
 
   kind     batch (global arrays)                           corruption             loss
   'metis'  tokens int32 [B, T] (SSL), valid bool [B, T]    masking.TrainingMask   masked CE of the SSL tokens

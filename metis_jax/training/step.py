@@ -17,11 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.training import optimizer as optimizer_lib
+from metis_jax.training import update as update_lib
 from metis_jax.training import objectives as train_objectives
 from metis_jax.training.state import Setup, TrainState
 
@@ -113,21 +113,9 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, setup: Setup,
   denom = jnp.maximum(count, 1.0)
   loss, accuracy = loss_sum / denom, correct / denom
   grads = jax.tree.map(lambda g: g / denom, grad_sum)
-  if cfg.inject_nan_at_step >= 0:
-    poison = state.step + 1 == cfg.inject_nan_at_step
-    grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
-  grad_norm = optax.tree.norm(grads)
-
-  updates, new_opt_state = setup.tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  if cfg.skip_nonfinite:
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    new_params = keep(new_params, state.params)
-    new_opt_state = keep(new_opt_state, state.opt_state)
-    skipped = ~ok
-  else:
-    skipped = jnp.zeros((), bool)
+  poison = state.step + 1 == cfg.inject_nan_at_step if cfg.inject_nan_at_step >= 0 else None
+  new_params, new_opt_state, grad_norm, skipped = update_lib.guarded_update(
+      setup.tx, grads, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison)
   skipped_steps = state.skipped_steps + skipped.astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
                             skipped_steps=skipped_steps)
@@ -144,7 +132,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, setup: Setup,
 
 def step_rng(state: TrainState) -> jax.Array:
   """The PRNG key of the step about to run: fold_in(base key, step)."""
-  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  return update_lib.step_key(state.rng, state.step)
 
 
 def batch_shardings(mesh: Mesh, batch_spec: dict[str, Any]) -> dict[str, NamedSharding]:
