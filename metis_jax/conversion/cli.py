@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from metis_jax.conversion import common, finetune, t2s
+from metis_jax.conversion import common, finetune, released, t2s
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "Amphion .safetensors file (or, with --reverse, a converted folder).")
@@ -46,6 +46,10 @@ flags.DEFINE_string("adapter", None, "Released adapter .safetensors of a Metis f
                     "--reverse: the adapter file to write).")
 flags.DEFINE_bool("merge_lora", True, "Fold the LoRA into the base weights (W + alpha/r B A).")
 flags.DEFINE_float("lora_alpha", None, "LoRA alpha (default: the file's metadata, else 2 x rank).")
+flags.DEFINE_string("released_dir", None, "Folder of the released weights as downloaded (python -m "
+                    "metis_jax.fetch); with --part, the files to convert come from it.")
+flags.DEFINE_enum("part", None, list(released.STAGE1_PARTS), "Released stage-1 model to convert from "
+                  "--released_dir (the S2A models and codecs are read by decode as released).")
 
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -75,6 +79,17 @@ def load_converted(directory: str):
 
 def main(argv):
   del argv
+  if FLAGS.released_dir:
+    if FLAGS.reverse or FLAGS.input or not FLAGS.part:
+      raise app.UsageError("--released_dir needs --part (one of "
+                           f"{', '.join(released.STAGE1_PARTS)}) and no --input or --reverse")
+    try:
+      files = released.stage1_files(FLAGS.released_dir, FLAGS.part)
+    except (FileNotFoundError, ValueError) as e:
+      print(str(e), file=sys.stderr)
+      sys.exit(2)
+    FLAGS.input = files["input"]
+    FLAGS.lora, FLAGS.adapter = FLAGS.lora or files["lora"], FLAGS.adapter or files["adapter"]
   if not FLAGS.input or not FLAGS.output:
     raise app.UsageError("--input and --output are required")
   try:

@@ -181,6 +181,33 @@ def decode_flags(released_dir: str, stage1: str = "t2s") -> dict:
   return out
 
 
+# The released stage-1 models: part -> (model, LoRA, adapter) file names above. What `convert
+# --released_dir DIR --part P` converts and what `decode --released_dir` runs per task.
+STAGE1_PARTS = {
+    "t2s": ("t2s", None, None),
+    "metis_base": ("metis_base", None, None),
+    "metis_se": ("metis_base", "metis_se_lora", "metis_se_adapter"),
+    "metis_tse": ("metis_base", "metis_tse_lora", "metis_tse_adapter"),
+    "metis_vc": ("metis_base", "metis_vc_lora", "metis_vc_adapter"),
+    "metis_l2s": ("metis_l2s", None, None),
+    "metis_omni": ("metis_omni", None, None),
+}
+
+
+def stage1_files(released_dir: str, part: str) -> dict:
+  """{"input", "lora", "adapter"} paths (None where the part has none) of a released stage-1 model.
+
+  Raises:
+    ValueError: an unknown part (one line listing the known ones).
+    FileNotFoundError: a file of the part is not in the folder (one line naming it).
+  """
+  if part not in STAGE1_PARTS:
+    raise ValueError(f"error: --part {part!r}: expected one of {', '.join(STAGE1_PARTS)}")
+  names = STAGE1_PARTS[part]
+  found = require(released_dir, [n for n in names if n])
+  return dict(zip(("input", "lora", "adapter"), (found[n] if n else None for n in names)))
+
+
 def tokenizer_files(released_dir: str) -> tuple:
   """(w2v-BERT encoder, statistics, semantic codec) paths for `ssl_tokenizer.W2VBertCodecTokenizer.from_files`.
 

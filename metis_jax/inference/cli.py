@@ -7,6 +7,19 @@ One example:
       --prompt_wav prompt.wav --prompt_text "Transcript of the prompt." \
       --text "What to say." --out out.wav
 
+From the default job's workdir alone (its decode_bundle.json names both S2A models, the SSL
+tokenizer and the acoustic tokenizer rendered by Griffin-Lim, inference/mel_renderer.py):
+  python -m metis_jax.decode --task continue --model /tmp/metis_tiny --prompt_wav p.wav \
+      --target_seconds 3 --out continued.wav
+
+From the released weights as downloaded (python -m metis_jax.fetch --released_dir /ckpt/released):
+  python -m metis_jax.decode --task tts --released_dir /ckpt/released \
+      --prompt_wav prompt.wav --prompt_text "..." --text "What to say." --out out.wav
+Parts given by their own flags win over the workdir's and the folder's (inference/decode_parts.py).
+Before loading, each model's lineage.json (what it was trained on) is checked against the SSL
+tokenizer and the codec / acoustic tokenizer given: parts that do not belong together are refused
+with one line naming the part.
+
 Many examples, one JSON object per line (paths relative to the manifest):
   python -m metis_jax.decode --task tts --manifest test.jsonl --output_dir out/ [model flags]
   {"id": "a1", "prompt_wav": "p.wav", "prompt_text": "...", "text": "...", "language": "en",
@@ -84,7 +97,8 @@ FLAG_SPECS = (
     ("task", _STR, "tts", "Task: continue, tts, resynth, se, tse, vc, l2s, omni (inference.tasks.TASKS)."),
     ("omni_task", _ENUM, "tts", "What an Omni model (--task omni) does.", ["tts", "se", "tse", "vc"]),
     ("model", _STR, None, "Stage-1 model (T2S / Metis): an Amphion .safetensors, a folder from "
-     "metis_jax.convert, or a training workdir. Optional for resynth (then used for NLL). Fine-tunes: "
+     "metis_jax.convert, or a training workdir (the default job's brings every other part: its "
+     "decode_bundle.json). Optional for resynth (then used for NLL). Fine-tunes: "
      "the Metis base file with --lora and --adapter (merged once at load), or one full checkpoint "
      "(L2S, Omni)."),
     ("lora", _STR, None, "Released LoRA file of a fine-tune (metis_*_lora_32.safetensors), merged into "
@@ -99,6 +113,9 @@ FLAG_SPECS = (
     ("codec_decoder", _STR, None, "Acoustic codec decoder file (instead of --codec)."),
     ("tokenizer", _STR, None, "SSL tokenizer folder (tokenizer.json: k-means or w2v-BERT + semantic codec)."),
     ("vocab", _STR, None, "Phone vocabulary (vocab.json shipped with the TTS model)."),
+    ("released_dir", _STR, None, "Folder of the released weights as downloaded (python -m metis_jax.fetch; "
+     "conversion/released.py): every part not given by its own flag comes from it, the SSL tokenizer "
+     "from w2v-bert-2.0/ + its statistics (.npz) + semantic_codec/ unless --tokenizer."),
     ("dtype", _STR, "", "Compute dtype of the models ('' = float32 on CPU, else the models' own)."),
     # Examples.
     ("text", _STR, None, "Text to say (one example)."),
@@ -308,34 +325,40 @@ def decode_defaults(args: Args, task_name: str):
       s2a_temperature=pick(args.s2a_temperature, defaults.s2a_temperature))
 
 
-def build_engine(args: Args, task):
-  """Loads the models named by the flags -> SpeechEngine."""
+def resolve_parts(args: Args, task):
+  """`decode_parts.resolve`, its failures as UsageError."""
+  from metis_jax.inference import decode_parts  # pylint: disable=g-import-not-at-top
+  try:
+    return decode_parts.resolve(args, task)
+  except decode_parts.PartsError as e:
+    raise UsageError(str(e)) from e
+
+
+def build_engine(args: Args, task, parts=None):
+  """Loads the models named by the flags (or found in the default job's workdir or the released
+  folder: `parts`, default `resolve_parts`), after checking they belong together -> SpeechEngine."""
   import jax  # pylint: disable=g-import-not-at-top
-  from metis_jax.inference import engine as decode_engine, decoding, model_loading, s2a_decoding  # pylint: disable=g-import-not-at-top
+  from metis_jax.data import fingerprint  # pylint: disable=g-import-not-at-top
+  from metis_jax.inference import decode_parts, engine as decode_engine, decoding, s2a_decoding  # pylint: disable=g-import-not-at-top
   d = decode_defaults(args, task.defaults_name)
   layout = make_layout(args)
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else None)
-  missing = [f"--{n}" for n in ("s2a_full", "tokenizer") if not args.values.get(n)]
-  if not (args.codec or (args.codec_encoder and args.codec_decoder)):
-    missing.append("--codec (or --codec_encoder and --codec_decoder)")
-  if task.uses_stage1 and not args.model:
-    missing.append("--model")
-  if (args.lora or args.adapter) and not args.model:
-    missing.append("--model (the base model --lora / --adapter apply to)")
+  parts = parts if parts is not None else resolve_parts(args, task)
+  missing = decode_parts.missing(parts, task)
   if missing:
     raise UsageError(f"task {task.name!r} needs {', '.join(missing)}")
   try:
-    tokenizer = model_loading.load_tokenizer(args.tokenizer)
-    codec = model_loading.load_codec(args.codec or args.codec_encoder,
-                                     None if args.codec else args.codec_decoder, dtype)
-    full = model_loading.load_s2a(args.s2a_full, dtype)
-    first = model_loading.load_s2a(args.s2a_1layer, dtype) if args.s2a_1layer else None
-    stage1 = (model_loading.load_stage1(args.model, dtype, lora=args.lora, adapter=args.adapter,
-                                        lora_alpha=args.lora_alpha) if args.model else None)
-  except (OSError, ValueError) as e:
+    decode_parts.check(parts)
+  except fingerprint.IncompatiblePartsError as e:
+    raise UsageError(_one_line(e)) from e
+  except OSError as e:
     raise UsageError(str(e)) from e
+  try:
+    tokenizer, codec, full, first, stage1 = load_parts(parts, dtype, args.lora_alpha)
+  except (OSError, ValueError) as e:
+    raise UsageError(_one_line(e)) from e
   if not full.config.predicts_first_layer and first is None:
-    raise UsageError(f"{args.s2a_full}: this S2A model does not predict codec layer 0: give the "
+    raise UsageError(f"{parts.s2a_full}: this S2A model does not predict codec layer 0: give the "
                      "1-layer model with --s2a_1layer")
   options = decode_engine.EngineOptions(
       stage1=decoding.DecodeOptions(steps=d.steps, cfg=d.cfg, rescale_cfg=d.rescale_cfg,
@@ -352,7 +375,33 @@ def build_engine(args: Args, task):
     engine = decode_engine.SpeechEngine(tokenizer, codec, full, first, stage1, options, layout)
   except ValueError as e:
     raise UsageError(str(e)) from e
+  engine.parts = parts
   return engine
+
+
+def _one_line(e: Exception) -> str:
+  """An exception's message without a leading 'error: ' (run_cli adds it)."""
+  message = str(e)
+  return message[len("error: "):] if message.startswith("error: ") else message
+
+
+def load_parts(parts, dtype, lora_alpha=None):
+  """-> (tokenizer, codec or mel renderer, full S2A, 1-layer S2A or None, stage 1 or None)."""
+  from metis_jax.inference import mel_renderer, model_loading  # pylint: disable=g-import-not-at-top
+  if parts.tokenizer:
+    tokenizer = model_loading.load_tokenizer(parts.tokenizer)
+  else:
+    from metis_jax.frontend import ssl_tokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer = ssl_tokenizer.W2VBertCodecTokenizer.from_files(*parts.tokenizer_files)
+  if parts.renderer:
+    codec = mel_renderer.MelRenderer.load(parts.renderer, **parts.renderer_options)
+  else:
+    codec = model_loading.load_codec(parts.codec_encoder, parts.codec_decoder, dtype)
+  full = model_loading.load_s2a(parts.s2a_full, dtype)
+  first = model_loading.load_s2a(parts.s2a_1layer, dtype) if parts.s2a_1layer else None
+  stage1 = (model_loading.load_stage1(parts.stage1, dtype, lora=parts.lora, adapter=parts.adapter,
+                                      lora_alpha=lora_alpha) if parts.stage1 else None)
+  return tokenizer, codec, full, first, stage1
 
 
 def make_layout(args: Args):
@@ -387,15 +436,16 @@ def _file_stamp(path: Optional[str]):
 def cached_engine(args: Args, task):
   """`build_engine`, reusing the previous engine when files and options are unchanged."""
   d = decode_defaults(args, task.defaults_name)
-  names = ("model", "lora", "adapter", "s2a_full", "s2a_1layer", "codec", "codec_encoder", "codec_decoder",
-           "tokenizer")
-  key = (tuple(_file_stamp(args.values.get(n)) for n in names), args.lora_alpha, d, args.dtype,
+  parts = resolve_parts(args, task)
+  files = (parts.stage1, parts.lora, parts.adapter, parts.s2a_full, parts.s2a_1layer, parts.codec_encoder,
+           parts.codec_decoder, parts.tokenizer, parts.renderer) + tuple(parts.tokenizer_files or ())
+  key = (tuple(_file_stamp(f) for f in files), args.lora_alpha, d, args.dtype,
          args.batch_size,
          args.token_quantum, args.phone_quantum, args.prompt_context, args.mesh_data, args.mesh_fsdp,
          args.mesh_tensor, args.devices_per_process)
   if key not in _ENGINE_CACHE:
     _ENGINE_CACHE.clear()
-    _ENGINE_CACHE[key] = build_engine(args, task)
+    _ENGINE_CACHE[key] = build_engine(args, task, parts)
   return _ENGINE_CACHE[key], d
 
 
@@ -518,10 +568,11 @@ class _Run:
                        "(MaskGCT T2S, Metis TTS); this one has no phone condition")
     g2p = None
     if uses_phones and self.task.needs_text:
-      if not args.vocab:
+      vocab = getattr(getattr(self.engine, "parts", None), "vocab", None) or args.vocab
+      if not vocab:
         raise UsageError("a phone-conditioned model needs its phone vocabulary: --vocab vocab.json")
       try:
-        g2p = g2p_lib.G2P(args.vocab)
+        g2p = g2p_lib.G2P(vocab)
         g2p_lib.setup_espeak()
       except (OSError, ValueError, ImportError) as e:
         raise UsageError(str(e)) from e
@@ -561,6 +612,8 @@ class _Run:
              f"{d.steps} steps cfg {d.cfg}; S2A {list(d.s2a_steps)} cfg {d.s2a_cfg} "
              f"(layer 0: {d.s2a_first_steps} steps cfg {d.s2a_first_cfg}); batches of "
              f"{self.engine.rows} on {self.layout.describe()}")
+    if getattr(self.engine, "parts", None) is not None:
+      self.log(f"parts: {self.engine.parts.describe()}")
     for ex, message in self.bad:
       self.fail(ex, message)
     for ex in self.examples:
