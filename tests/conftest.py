@@ -1,10 +1,20 @@
-"""Test set-up: 8 fake CPU devices for sharding tests, and the shared data folder."""
+"""Test set-up: 8 fake CPU devices for sharding tests, and the shared data folder.
+
+Missing test data (the `../shared` folder beside the checkout, a parity
+fixture) or a missing module of the `test` extra skips a test with its reason
+locally, and FAILS it when the environment variable CI is true: a CI run must
+not be green having run no parity test. Hardware skips (no GPU, no libtpu, no
+TensorFlow) stay skips everywhere; use plain `pytest.skip` / `skipif` for those.
+"""
 
 import os
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import importlib  # noqa: E402
+import types  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -14,10 +24,46 @@ PARITY = os.path.join(SHARED, "data", "parity")
 SPEECH = os.path.join(SHARED, "data", "speech")
 
 
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing(reason: str):
+  """Skips the calling test with `reason`, or fails it under CI=true."""
+  if IN_CI:
+    pytest.fail(f"{reason} (CI=true: required, not skipped)", pytrace=False)
+  pytest.skip(reason, allow_module_level=True)
+
+
 def require_dir(path: str) -> str:
+  """`path` if it is a folder; else skip (fail under CI). Returns the path."""
   if not os.path.isdir(path):
-    pytest.skip(f"test data folder {path} is absent (it lives in ../shared beside the checkout)")
+    missing(f"test data folder {path} is absent (it lives in ../shared beside the checkout)")
   return path
+
+
+def require_file(path: str) -> str:
+  """`path` if it is a file; else skip (fail under CI). Returns the path."""
+  if not os.path.isfile(path):
+    missing(f"test data file {path} is absent (it lives in ../shared beside the checkout)")
+  return path
+
+
+def parity_fixture(name: str, *files: str) -> str:
+  """The folder `../shared/data/parity/<name>`, checked to hold `files`."""
+  folder = require_dir(os.path.join(PARITY, name))
+  for f in files:
+    require_file(os.path.join(folder, f))
+  return folder
+
+
+def require_module(name: str, extra: str = "test") -> types.ModuleType:
+  """`pytest.importorskip` for a module of one of setup.py's extras: the
+  import, or a skip naming the extra (a failure under CI=true)."""
+  try:
+    return importlib.import_module(name)
+  except ImportError as e:
+    error = e
+  missing(f"{name} is not installed ({error}); it comes with pip install -e \".[{extra}]\"")
 
 
 @pytest.fixture

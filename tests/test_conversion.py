@@ -23,6 +23,7 @@ def _random_params(model_cfg, seed=0):
       treedef, [rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phones", [False, True])
 @pytest.mark.parametrize("scan", [False, True])
 def test_round_trip_is_exact(phones, scan):
@@ -42,6 +43,7 @@ def test_round_trip_is_exact(phones, scan):
     np.testing.assert_array_equal(again[k], tensors[k])
 
 
+@pytest.mark.slow
 def test_file_round_trip_and_inferred_config(tmp_path):
   model_cfg = config_lib.load_config("tiny").model
   model_cfg.use_phone_cond = True
@@ -78,6 +80,7 @@ def test_phone_file_into_no_phone_config_is_refused():
     t2s.amphion_to_params(tensors, model_cfg)
 
 
+@pytest.mark.slow
 def test_cli_converts_and_reverses(parity_dir, tmp_path):
   source = os.path.join(parity_dir, "t2s_phones", "weights.safetensors")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -140,6 +143,7 @@ MALFORMED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_malformed_file_is_refused_with_its_reason(tmp_path, case):
   tensors, meta, heads = _malformed(case)

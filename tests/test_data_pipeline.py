@@ -127,6 +127,7 @@ def _assert_same_batches(xs, ys):
       np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_checkpoint_matches_uninterrupted(corpus_a, tmp_path, workers):
   out, _ = corpus_a

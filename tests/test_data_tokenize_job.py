@@ -263,6 +263,7 @@ def test_acoustic_tokens_and_phones(corpus, tokenizer, tmp_path):
     np.testing.assert_array_equal(r["phones"], [ord(c) % 300 for c in r["text"]])
 
 
+@pytest.mark.slow
 def test_command_line_entry_points(tmp_path):
   corpus = str(tmp_path / "corpus")
   subprocess.run([sys.executable, "-m", "metis_jax.data.demo_corpus", "--output", corpus, "--languages", "fr",
@@ -279,6 +280,7 @@ def test_command_line_entry_points(tmp_path):
   assert m["utterances"] == 4 and m["hours_per_language"].keys() == {"fr"} and m["tokenizer"]["vocab_size"] == 8
 
 
+@pytest.mark.slow
 def test_job_with_the_real_acoustic_codec_from_released_files(corpus, tokenizer, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   from metis_jax.models import acoustic_codec  # pylint: disable=g-import-not-at-top

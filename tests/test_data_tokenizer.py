@@ -1,10 +1,13 @@
 """The SSL tokenizer interface, log-mel features and the k-means tokenizer."""
 
+import os
+
 import numpy as np
 import pytest
 
 from metis_jax.data import fit_kmeans
 from metis_jax.data import tokenizer as tk
+from tests import conftest
 
 
 def _speechlike(seconds, seed=0, rate=16000):
@@ -20,12 +23,15 @@ def _random_tokenizer(k=32, seed=0):
   return tk.KMeansTokenizer(np.random.default_rng(seed).standard_normal((k, tk.FEATURE_DIM)).astype(np.float32))
 
 
+@pytest.mark.parity
 def test_features_match_seamless_m4t_extractor():
-  transformers = pytest.importorskip("transformers", reason="transformers is needed for the reference extractor")
+  """Against `SeamlessM4TFeatureExtractor()` on this chirp (frozen in the hf_fbank fixture)."""
+  d = conftest.parity_fixture("hf_fbank", "inputs.npz", "outputs.npz")
   x = _speechlike(2.3)
-  ref = transformers.SeamlessM4TFeatureExtractor()(x, sampling_rate=16000, return_tensors="np")["input_features"][0]
+  np.testing.assert_allclose(np.load(os.path.join(d, "inputs.npz"))["chirp"][0], x, rtol=0, atol=1e-6)
+  ref = np.load(os.path.join(d, "outputs.npz"))["input_features_chirp"][0]
   feats, lengths = tk.features_jit(x[None], np.array([len(x)]))
-  assert int(lengths[0]) == tk.num_ssl_frames(len(x)) == ref.shape[0]
+  assert int(lengths[0]) == tk.num_ssl_frames(len(x)) == ref.shape[0] == 114
   np.testing.assert_allclose(np.asarray(feats)[0], ref, atol=2e-3)
 
 

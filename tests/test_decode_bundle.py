@@ -179,6 +179,7 @@ def test_released_dir_without_w2v_statistics_names_what_is_missing(release):
   assert "wav2vec2bert_stats.pt" in line and "--tokenizer" in line, line
 
 
+@pytest.mark.slow
 def test_released_dir_resynth_and_continue_end_to_end(release):
   out = str(release["root"] / "resynth" / "r.wav")
   code, printed = _run(["--task", "resynth", "--released_dir", release["dir"], "--tokenizer", release["tokenizer"],

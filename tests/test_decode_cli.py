@@ -30,6 +30,8 @@ from metis_jax.data import tokenizer as tokenizer_lib
 from tests import conftest, helpers
 from tests.test_decode_units import random_params_like
 
+pytestmark = pytest.mark.slow
+
 VOCAB = os.path.join(conftest.SHARED, "data", "g2p", "vocab.json")
 CLIPS = ("libritts_260_123440_000010_000004", "libritts_5142_33396_000002_000004",
          "libritts_6829_68771_000027_000000")
@@ -37,7 +39,7 @@ SSL_VOCAB = 64
 
 
 def _needs_phonemizer():
-  pytest.importorskip("phonemizer", reason="TTS needs the g2p extra (pip install phonemizer)")
+  conftest.require_module("phonemizer")
 
 
 def _s2a_config(num_quantizers, first):
@@ -85,8 +87,7 @@ def build_models(root):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   speech = conftest.require_dir(conftest.SPEECH)
-  if not os.path.exists(VOCAB):
-    pytest.skip(f"{VOCAB} is absent (it lives in ../shared beside the checkout)")
+  conftest.require_file(VOCAB)
   root = tmp_path_factory.mktemp("decode")
   flags = build_models(str(root / "models"))
   clips = {}
@@ -106,7 +107,6 @@ def _read_report(path):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow
 def test_one_example_has_the_requested_duration_and_a_report(setup):
   _needs_phonemizer()
   wav, text = setup["clips"][CLIPS[0]]
@@ -291,7 +291,6 @@ def _same_outputs_as_one_device(out_dir, baseline_dir, atol=0.0):
   return report
 
 
-@pytest.mark.slow
 def test_two_devices_give_the_audio_of_one(setup, manifest_run, spread_manifest):
   """The batch of 4 split over 2 devices (2 rows each) decodes as on one device (4 rows)."""
   _, _, baseline = manifest_run
@@ -301,7 +300,6 @@ def test_two_devices_give_the_audio_of_one(setup, manifest_run, spread_manifest)
   _same_outputs_as_one_device(out_dir, str(baseline))
 
 
-@pytest.mark.slow
 def test_two_processes_give_the_audio_of_one(setup, manifest_run, spread_manifest, tmp_path):
   """Two JAX processes (1 CPU device each, gloo over loopback) share the manifest: each writes the
   wavs of its own examples, process 0 the merged report; the audio is the one-process audio."""

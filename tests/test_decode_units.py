@@ -271,6 +271,7 @@ def test_report_rows_summary_and_table(tmp_path):
   assert "NLL" in table and "3.000" in table and "failed: 1" in table
 
 
+@pytest.mark.slow
 def test_masked_nll_does_not_depend_on_padding():
   cfg = helpers.tiny_model_config(hidden_size=32, num_layers=1, num_heads=2, vocab_size=64)
   model = metis.MetisModel(metis.MetisConfig.from_config(cfg))

@@ -1,12 +1,13 @@
 """Invariants of the iterative decoder."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from metis_jax.inference import decoding
-from metis_jax.models import masking
 from tests import helpers
 
 
@@ -36,11 +37,14 @@ def test_counts_follow_schedule_and_decided_tokens_stay(tiny, schedule):
                                            options, return_history=True)
   masks, seen = np.asarray(history["masks"]), np.asarray(history["tokens"])
   tokens = np.asarray(tokens)
-  times = decoding.time_grid(options.steps)
-  ratios = masking.mask_ratio(times, schedule).astype(np.float32)
   np.testing.assert_array_equal(masks[0], np.asarray(valid))
   for s in range(1, options.steps):
-    expected = np.floor(lengths.astype(np.float32) * ratios[s]).astype(int)
+    # Spec section 6: step i re-masks n_i = floor(T gamma(t_{i+1})) with t_i = 1 - i / S, so
+    # step s starts with that many masked; gamma(t) = sin(pi t / 2) ("sine", the reference),
+    # 1 - cos(pi t / 2) ("cosine"), t ("linear").
+    t = 1 - s / options.steps
+    gamma = {"sine": math.sin(math.pi * t / 2), "cosine": 1 - math.cos(math.pi * t / 2), "linear": t}[schedule]
+    expected = [math.floor(n * gamma) for n in lengths.tolist()]
     np.testing.assert_array_equal(masks[s].sum(-1), expected, err_msg=f"step {s}")
     assert not (masks[s] & ~masks[s - 1]).any(), "a decided token was re-masked"
     decided = ~masks[s] & np.asarray(valid)
@@ -83,6 +87,7 @@ def _decode(model, params, options, prompts, targets, key, phones=None):
   return [out[i, :t] for i, t in enumerate(targets)], decoder
 
 
+@pytest.mark.slow
 def test_same_key_same_output_and_keys_matter(tiny):
   _, model, params = tiny
   options = decoding.DecodeOptions(steps=5, cfg=2.5, temperature=0.9)
@@ -94,6 +99,7 @@ def test_same_key_same_output_and_keys_matter(tiny):
   assert (a[0] != c[0]).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [0.0, 2.5])
 def test_sample_output_does_not_depend_on_batch_mates(tiny, cfg):
   _, model, params = tiny
@@ -135,3 +141,48 @@ def test_remask_picks_exactly_the_least_confident():
   candidates = jnp.asarray([[1, 1, 1, 1, 0], [1, 1, 1, 0, 1]], bool)
   out = decoding.remask_least_confident(confidence, candidates, jnp.array([2, 2]))
   np.testing.assert_array_equal(out, [[0, 1, 0, 1, 0], [1, 0, 0, 0, 1]])
+
+
+# ----------------------------------------------------------------------------- condition features
+
+
+def test_split_features_puts_each_frame_in_its_slot():
+  feats = np.arange(2 * 7 * 1, dtype=np.float32).reshape(2, 7, 1) + 1
+  prompt, target = decoding.split_features(jnp.asarray(feats), jnp.array([3, 0]), 4, 5)
+  # row 0: frames 0-2 on the prompt (slot 3 empty), frames 3-6 on the target (slot 4 past the end)
+  np.testing.assert_array_equal(np.asarray(prompt)[0, :, 0], [1, 2, 3, 0])
+  np.testing.assert_array_equal(np.asarray(target)[0, :, 0], [4, 5, 6, 7, 0])
+  # row 1: no prompt, the first five frames on the target
+  np.testing.assert_array_equal(np.asarray(prompt)[1, :, 0], [0, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(target)[1, :, 0], [8, 9, 10, 11, 12])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [0.0, 2.5])
+def test_adapter_sample_does_not_depend_on_batch_mates_and_its_frames_matter(cfg):
+  """Contiguous [prompt; target] frames per row: a row decoded alone or batched (other prompt
+  lengths and paddings) gives the same tokens, and other frames give other tokens."""
+  _, model, params = helpers.tiny_model(seed=5, cond_feature_dim=6, adapter_gated=False)
+  options = decoding.DecodeOptions(steps=4, cfg=cfg, temperature=0.9)
+  decoder = decoding.MetisDecoder(model, options)
+  rng = np.random.default_rng(1)
+  prompts, targets = [rng.integers(0, 128, 5), rng.integers(0, 128, 0), rng.integers(0, 128, 8)], [9, 12, 4]
+  frames = [rng.standard_normal((len(p) + t, 6)).astype(np.float32) for p, t in zip(prompts, targets)]
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(3))
+
+  def run(idx, feats, prompt_len=10, target_len=14):
+    prompt = np.zeros((len(idx), prompt_len), np.int32)
+    f = np.zeros((len(idx), prompt_len + target_len, 6), np.float32)
+    for r, i in enumerate(idx):
+      prompt[r, :len(prompts[i])] = prompts[i]
+      f[r, :len(feats[i])] = feats[i]
+    out = decoder(params, keys[np.asarray(idx)], jnp.asarray(prompt),
+                  jnp.array([len(prompts[i]) for i in idx]), jnp.array([targets[i] for i in idx]),
+                  target_len=target_len, features=jnp.asarray(f))
+    return [np.asarray(out)[r, :targets[i]] for r, i in enumerate(idx)]
+
+  together = run([0, 1, 2], frames)
+  for i in range(3):
+    np.testing.assert_array_equal(run([i], frames, prompt_len=8, target_len=12)[0], together[i])
+  other = [f[::-1].copy() for f in frames]
+  assert any((a != b).any() for a, b in zip(run([0, 1, 2], other), together))

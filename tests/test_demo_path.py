@@ -83,6 +83,7 @@ def test_stft_and_istft_invert_each_other():
   np.testing.assert_allclose(y, x, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_mel_renderer_follows_the_input_clip(tmp_path):
   from scipy.signal import resample_poly
   import soundfile
@@ -124,6 +125,7 @@ def _small_data_cfg():
   return cfg
 
 
+@pytest.mark.slow
 def test_demo_data_builds_identically_twice_and_refuses_another_recipe(tmp_path):
   cfg = _small_data_cfg()
   prints = []

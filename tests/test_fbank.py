@@ -1,18 +1,23 @@
-"""SeamlessM4T filterbank front-end (`metis_jax.fbank`) against Hugging Face's feature extractor."""
+"""SeamlessM4T filterbank front-end (`metis_jax.fbank`) against Hugging Face's feature extractor.
+
+The comparisons read the frozen fixture `../shared/data/parity/hf_fbank` (transformers
+4.41.2's `SeamlessM4TFeatureExtractor()`, see its README); with transformers installed,
+an optional live comparison runs on every recording of `../shared/data/speech` as well.
+"""
 
 import glob
+import json
 import math
 import os
 
 import numpy as np
 import pytest
+import soundfile as sf
+from scipy import signal
 
 from metis_jax.frontend import fbank
+from tests import conftest
 from tests.conftest import SPEECH, require_dir
-
-transformers = pytest.importorskip("transformers")
-sf = pytest.importorskip("soundfile")
-signal = pytest.importorskip("scipy.signal")
 
 
 def load_16k(path: str) -> np.ndarray:
@@ -28,19 +33,123 @@ def speech_files() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def extractor():
+def hf_fbank():
+  """(config, inputs, outputs) of the `hf_fbank` fixture."""
+  d = conftest.parity_fixture("hf_fbank", "config.json", "inputs.npz", "outputs.npz")
+  with open(os.path.join(d, "config.json")) as f:
+    config = json.load(f)
+  return config, dict(np.load(os.path.join(d, "inputs.npz"))), dict(np.load(os.path.join(d, "outputs.npz")))
+
+
+def assert_matches_reference(ref, ref_mask, wave, num_samples):
+  """Both paths on `wave [B, N]` against Hugging Face's `ref [B, T, 160]`, `ref_mask [B, T]`.
+
+  Host path (float64 spectrum, as Hugging Face): elementwise, 1e-4 of the
+  largest value. Device path (float32 spectrum): relative (Frobenius) error
+  1e-4, plus a bound on the few weak bins float32 cannot resolve (see the
+  module docstring of `fbank`).
+  """
+  jax_out = fbank.extract_jit(wave, num_samples)
+  np_out = fbank.extract_numpy(wave, num_samples)
+  for out in (np_out, jax_out):
+    assert out.features.shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(out.mask), ref_mask)
+    np.testing.assert_array_equal(np.asarray(out.lengths), fbank.num_tokens(num_samples))
+  assert np.abs(np_out.features - ref).max() / np.abs(ref).max() < 1e-4
+  ours = np.asarray(jax_out.features)
+  assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
+  assert np.abs(ours - ref).max() < 5e-3
+
+
+def test_window_and_filterbank_follow_kaldi_formulas():
+  n = np.arange(400)
+  np.testing.assert_allclose(fbank.povey_window(), (0.5 - 0.5 * np.cos(2 * np.pi * n / 399)) ** 0.85,
+                             rtol=0, atol=1e-12)
+  mel = lambda f: 1127.0 * math.log(1.0 + f / 700.0)
+  lo, hi = mel(20.0), mel(8000.0)
+  edges = [lo + (hi - lo) * i / 81 for i in range(82)]
+  want = np.zeros((257, 80))
+  for k in range(257):
+    m = mel(16000 / 512 * k)
+    for b in range(80):
+      left, center, right = edges[b:b + 3]
+      if left < m <= center:
+        want[k, b] = (m - left) / (center - left)
+      elif center < m < right:
+        want[k, b] = (right - m) / (right - center)
+  np.testing.assert_allclose(fbank.mel_filters(), want, rtol=0, atol=1e-12)
+
+
+def speechlike_chirp(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
+  """The fixture's synthetic signal (formula in hf_fbank/config.json): a chirp with noise and an envelope."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(int(seconds * rate)) / rate
+  f = 150 + 400 * t / max(seconds, 1e-3) + 30 * np.sin(2 * np.pi * 3 * t)
+  x = 0.3 * np.sin(2 * np.pi * np.cumsum(f) / rate) * (0.6 + 0.4 * np.sin(2 * np.pi * 2 * t))
+  return (x + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.mark.parity
+def test_fixture_inputs_are_the_described_clips(hf_fbank):
+  """The fixture's waveforms are `load_16k` of the clips its config names (and the chirp formula)."""
+  config, inputs, _ = hf_fbank
+  for i, clip in enumerate(config["batch_clips"]):
+    path = conftest.require_file(os.path.join(SPEECH, clip["file"]))
+    n = clip["num_samples"]
+    assert inputs["num_samples"][i] == n
+    np.testing.assert_allclose(inputs["wav"][i, :n], load_16k(path)[clip["start"]:clip["start"] + n],
+                               rtol=0, atol=1e-6)
+    assert not inputs["wav"][i, n:].any()
+  np.testing.assert_allclose(inputs["chirp"][0], speechlike_chirp(2.3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parity
+def test_batch_matches_hf_fixture(hf_fbank):
+  """Three real clips in one padded call (one has an odd frame count: the half-padded token)."""
+  _, inputs, expected = hf_fbank
+  wave, num_samples = inputs["wav"].copy(), inputs["num_samples"]
+  np.testing.assert_array_equal(expected["attention_mask"].sum(1), [109, 102, 99])
+  # Garbage in the padding must not leak into any sample's features.
+  wave[np.arange(wave.shape[1])[None, :] >= num_samples[:, None]] = 0.5
+  assert_matches_reference(expected["input_features"], expected["attention_mask"].astype(bool), wave,
+                           num_samples)
+
+
+@pytest.mark.parity
+def test_single_clips_match_hf_fixture(hf_fbank):
+  """A clip with an odd frame count alone (its last token masked), and the synthetic chirp."""
+  _, inputs, expected = hf_fbank
+  i, n = int(inputs["alone_index"]), int(inputs["num_samples"][int(inputs["alone_index"])])
+  assert fbank.num_frames(n) % 2 == 1
+  alone_mask = expected["attention_mask_alone"].astype(bool)
+  assert alone_mask.sum() == alone_mask.shape[1] - 1 == 102
+  assert_matches_reference(expected["input_features_alone"], alone_mask, inputs["wav"][i:i + 1, :n],
+                           np.array([n]))
+  chirp = inputs["chirp"]
+  assert_matches_reference(expected["input_features_chirp"], expected["attention_mask_chirp"].astype(bool),
+                           chirp, np.array([chirp.shape[1]]))
+
+
+@pytest.fixture(scope="module")
+def live_extractor():
+  transformers = pytest.importorskip("transformers", reason="optional live comparison: transformers is not installed")
   # Default arguments: no download, no files (checks it constructs offline).
   return transformers.SeamlessM4TFeatureExtractor()
 
 
-def hf_features(extractor, waves):
-  out = extractor(waves, sampling_rate=16000, return_tensors="np", padding=True)
-  return out["input_features"], out["attention_mask"].astype(bool)
+def test_filterbank_and_window_match_live_hf(live_extractor):
+  np.testing.assert_allclose(fbank.mel_filters(), live_extractor.mel_filters, rtol=0, atol=1e-12)
+  np.testing.assert_allclose(fbank.povey_window(), live_extractor.window, rtol=0, atol=1e-12)
 
 
-def test_filterbank_and_window_match_hf(extractor):
-  np.testing.assert_allclose(fbank.mel_filters(), extractor.mel_filters, rtol=0, atol=1e-12)
-  np.testing.assert_allclose(fbank.povey_window(), extractor.window, rtol=0, atol=1e-12)
+@pytest.mark.parity
+def test_matches_live_hf_on_real_speech(live_extractor):
+  """Optional: every recording (resampled, the stereo one down-mixed), alone, against the installed extractor."""
+  for path in speech_files():
+    wave = load_16k(path)
+    ref = live_extractor(wave, sampling_rate=16000, return_tensors="np", padding=True)
+    assert_matches_reference(ref["input_features"], ref["attention_mask"].astype(bool), wave[None],
+                             np.array([len(wave)]))
 
 
 def test_frame_and_token_counts():
@@ -52,51 +161,6 @@ def test_frame_and_token_counts():
   assert out.features.shape == (2, 3, 160)  # F = 6 for the padded width
   np.testing.assert_array_equal(out.lengths, [3, 1])
   np.testing.assert_array_equal(out.mask, [[True, True, True], [True, False, False]])
-
-
-def test_matches_hf_on_real_speech(extractor):
-  """Every recording (resampled, the stereo one down-mixed), alone and in one padded batch."""
-  waves = [load_16k(p) for p in speech_files()]
-  assert any(len(w) % 160 for w in waves)
-  batch, lengths = fbank.pad_waveforms(waves)
-  # Garbage in the padding must not leak into any sample's features.
-  batch[np.arange(batch.shape[1])[None, :] >= lengths[:, None]] = 0.5
-  jax_out = fbank.extract_jit(batch, lengths)
-  np_out = fbank.extract_numpy(batch, lengths)
-  odd_seen = False
-  for i, wave in enumerate(waves):
-    ref, ref_mask = hf_features(extractor, wave)
-    ref, ref_mask = ref[0], ref_mask[0]
-    t = ref.shape[0]
-    odd_seen |= bool(fbank.num_frames(len(wave)) % 2)
-    assert int(jax_out.lengths[i]) == t == int(np_out.lengths[i])
-    np.testing.assert_array_equal(np.asarray(jax_out.mask[i, :t]), ref_mask)
-    np.testing.assert_array_equal(np_out.mask[i, :t], ref_mask)
-    assert not np.asarray(jax_out.mask[i, t:]).any()
-    assert not np.asarray(jax_out.features[i, t:]).any() and not np_out.features[i, t:].any()
-    scale = np.abs(ref).max()
-    # Host path (float64 spectrum, as Hugging Face): elementwise.
-    assert np.abs(np_out.features[i, :t] - ref).max() / scale < 1e-4
-    # Device path (float32 spectrum): relative (Frobenius) error, plus a bound
-    # on the few weak bins float32 cannot resolve (see the module docstring).
-    ours = np.asarray(jax_out.features[i, :t])
-    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
-    assert np.abs(ours - ref).max() < 5e-3
-  assert odd_seen, "no recording with an odd frame count: the half-token mask is untested"
-
-
-def test_batch_matches_hf_batch(extractor):
-  """Hugging Face's own padded batch (features, zero padding and attention mask) is reproduced."""
-  waves = [load_16k(p)[:n] for p, n in zip(speech_files()[:3], (16000, 12300, 7000))]
-  ref, ref_mask = hf_features(extractor, waves)
-  batch, lengths = fbank.pad_waveforms(waves)
-  ours = fbank.extract_numpy(batch, lengths)
-  ours_jax = fbank.extract_jit(batch, lengths)
-  assert ours.features.shape == ref.shape
-  np.testing.assert_array_equal(ours.mask, ref_mask)
-  np.testing.assert_array_equal(np.asarray(ours_jax.mask), ref_mask)
-  assert np.abs(ours.features - ref).max() / np.abs(ref).max() < 1e-4
-  assert np.linalg.norm(np.asarray(ours_jax.features) - ref) / np.linalg.norm(ref) < 1e-4
 
 
 def test_padding_does_not_change_a_sample():

@@ -7,14 +7,13 @@ import pytest
 from metis_jax.frontend import g2p
 from tests import conftest
 
-pytest.importorskip("phonemizer")
+conftest.require_module("phonemizer")
 VOCAB = os.path.join(conftest.SHARED, "data", "g2p", "vocab.json")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  if not os.path.exists(VOCAB):
-    pytest.skip(f"{VOCAB} is absent (it lives in ../shared beside the checkout)")
+  conftest.require_file(VOCAB)
   return g2p.G2P(VOCAB)
 
 

@@ -7,9 +7,7 @@ import pytest
 
 from metis_jax import config_lib
 from metis_jax.inference import generation, s2a_decoding
-from metis_jax.models import s2a
-
-acoustic_codec = pytest.importorskip("metis_jax.models.acoustic_codec")
+from metis_jax.models import acoustic_codec, s2a
 
 
 def _stage(num_quantizers, first, seed, steps):
@@ -43,6 +41,7 @@ def test_join_prompt_and_target_packs_rows():
   np.testing.assert_array_equal(out, [[1, 2, 3, 7, 0], [4, 9, 10, 0, 0]])
 
 
+@pytest.mark.slow
 def test_renders_each_target_token_to_one_hop_and_is_reproducible(renderer):
   rng = np.random.default_rng(0)
   sem_prompt = jnp.asarray(rng.integers(0, 64, (2, 6)))
@@ -61,6 +60,7 @@ def test_renders_each_target_token_to_one_hop_and_is_reproducible(renderer):
   np.testing.assert_array_equal(np.asarray(wav), np.asarray(again))
 
 
+@pytest.mark.slow
 def test_full_model_without_layer0_needs_the_first_layer_model(renderer):
   with pytest.raises(ValueError, match="layer 0"):
     generation.SpeechRenderer(renderer.full, renderer.codec)

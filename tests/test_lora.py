@@ -43,6 +43,7 @@ def _paths(tree):
   return sorted(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [True, False])
 def test_new_lora_is_an_exact_no_op(scan):
   _, base_model, base_params = helpers.tiny_model(seed=2, scan_layers=scan)
@@ -58,6 +59,7 @@ def test_new_lora_is_an_exact_no_op(scan):
   assert np.abs(np.asarray(moved) - np.asarray(base)).max() > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [True, False])
 def test_merged_equals_unmerged_and_has_the_base_layout(scan):
   _, base_model, base_params = helpers.tiny_model(seed=4, scan_layers=scan)
@@ -73,6 +75,7 @@ def test_merged_equals_unmerged_and_has_the_base_layout(scan):
                              rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_merge_is_w_plus_scaled_a_b():
   """Checked per kernel against the released layout: W[out,in] + (alpha/r) B[out,r] A[r,in]."""
   _, _, base_params = helpers.tiny_model(seed=6, scan_layers=False)
@@ -89,6 +92,7 @@ def test_merge_is_w_plus_scaled_a_b():
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_targets_select_the_adapted_maps_and_b_starts_at_zero():
   model = _lora_model(targets=("q_proj", "v_proj", "down_proj"))
   params = metis.init_params(model, jax.random.key(0))
@@ -127,6 +131,7 @@ def test_factors_carry_the_logical_axes_of_their_kernel():
   assert ("lora_rank", None) in sharding.rules_from_config([["embed", "fsdp"]])
 
 
+@pytest.mark.slow
 def test_dropout_acts_only_with_a_dropout_rng():
   _, base_model, base_params = helpers.tiny_model(seed=7)
   model = _lora_model(dropout=0.5)
@@ -141,6 +146,7 @@ def test_dropout_acts_only_with_a_dropout_rng():
   assert np.abs(np.asarray(train) - np.asarray(eval_a)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_lora_b_gets_a_gradient_from_a_new_lora():
   _, base_model, base_params = helpers.tiny_model(seed=8)
   model = _lora_model()

@@ -4,12 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from metis_jax.models import masking, metis
 from metis_jax.conversion import common
 from tests import helpers
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_fixed_batch():
   cfg = helpers.tiny_model_config(vocab_size=64)
   model = metis.MetisModel(metis.MetisConfig.from_config(cfg))
@@ -40,6 +42,7 @@ def test_tiny_model_overfits_a_fixed_batch():
   assert float(loss) < 0.1, f"masked loss only fell from {first:.3f} to {float(loss):.3f}"
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_layers_give_identical_outputs():
   cfg_scan, model_scan, params = helpers.tiny_model(seed=1, scan_layers=True)
   cfg_loop = helpers.tiny_model_config(scan_layers=False)
@@ -56,6 +59,7 @@ def test_scan_and_unrolled_layers_give_identical_outputs():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_does_not_change_outputs_or_gradients():
   _, model, params = helpers.tiny_model(seed=2)
   cfg = helpers.tiny_model_config(remat_policy="full")
@@ -76,6 +80,7 @@ def test_remat_does_not_change_outputs_or_gradients():
   jax.tree_util.tree_map(close, g1, g2)
 
 
+@pytest.mark.slow
 def test_new_adapter_is_an_exact_no_op_until_its_gate_moves():
   _, base_model, base_params = helpers.tiny_model(seed=4)
   cfg = helpers.tiny_model_config(cond_feature_dim=16)
@@ -92,6 +97,7 @@ def test_new_adapter_is_an_exact_no_op_until_its_gate_moves():
   assert np.abs(np.asarray(moved) - np.asarray(base)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_valid_outputs():
   _, model, params = helpers.tiny_model(seed=5)
   rng = np.random.default_rng(0)

@@ -15,6 +15,8 @@ from metis_jax.inference import decoding
 from metis_jax.models import masking, metis
 from metis_jax.conversion import t2s
 
+pytestmark = pytest.mark.parity
+
 
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -123,6 +123,7 @@ def test_residual_update_and_vq2emb():
     model.apply({"params": params}, z, n_quantizers=4)
 
 
+@pytest.mark.slow
 def test_quantizer_dropout_uses_1_to_n_layers_on_the_first_half():
   n, batch = 12, 8
   model = _rvq(n=n, dropout=0.5)
@@ -198,6 +199,7 @@ def test_usage_perplexity_and_dead_code_restart():
   np.testing.assert_array_equal(new[jnp.array([1, 2])], -1.0)
 
 
+@pytest.mark.slow
 def test_data_codebooks_are_drawn_layer_by_layer_from_valid_latents():
   """Each layer's rows are (noisy) projected latents of that layer's residual, valid frames only."""
   model = _rvq(n=3)

@@ -6,10 +6,9 @@ import os
 import pytest
 
 from metis_jax.conversion import fetch_released, released
+from tests import conftest
 
-PARITY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "parity")
-pytestmark = pytest.mark.skipif(not os.path.isdir(PARITY), reason="shared parity fixtures not found")
-
+PARITY = conftest.PARITY
 # Release path -> the parity fixture standing in for it (same key names and layout, small sizes).
 LAYOUT = {
     "t2s_model/model.safetensors": "t2s_phones/weights.safetensors",
@@ -35,6 +34,7 @@ def _arrange(root, layout):
 
 @pytest.fixture()
 def release(tmp_path):
+  conftest.require_dir(PARITY)
   root = str(tmp_path / "released")
   _arrange(root, LAYOUT)
   return root

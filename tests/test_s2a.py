@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from metis_jax import config_lib
 from metis_jax.models import s2a
@@ -24,6 +25,7 @@ def _load(parity_dir, name):
   return cfg, s2a.S2AModel(s2a.S2AConfig.from_config(cfg)), params
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name,first", [("s2a_1layer", True), ("s2a_full", False)])
 def test_forward_reproduces_original(parity_dir, name, first):
   cfg, model, params = _load(parity_dir, name)
@@ -47,6 +49,7 @@ def test_forward_reproduces_original(parity_dir, name, first):
   assert abs(loss - float(expected["loss"])) / float(expected["loss"]) < 1e-4
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", ["s2a_1layer", "s2a_full"])
 @pytest.mark.parametrize("cfg_scale", [0.0, 2.5])
 def test_layerwise_decoder_reproduces_original(parity_dir, name, cfg_scale):
@@ -79,6 +82,7 @@ def _tiny_s2a(num_quantizers=4, predicts_first_layer=False, seed=0):
   return cfg, model, params
 
 
+@pytest.mark.slow
 def test_converter_round_trip_and_strict_refusal(tmp_path):
   cfg, _, params = _tiny_s2a()
   path = str(tmp_path / "s2a.safetensors")
@@ -110,6 +114,7 @@ def _decode(model, params, options, prompts, targets, keys, given=None, num_q=4)
       jnp.asarray(target_sem), jnp.array(targets), given=given)), (prompt_sem, prompt_ac, target_sem)
 
 
+@pytest.mark.slow
 def test_layer_zero_from_the_one_layer_model_is_kept_and_padding_is_zero():
   _, model, params = _tiny_s2a()
   options = s2a_decoding.S2ADecodeOptions(steps=(3, 2, 1, 1), cfg=2.5)
@@ -121,6 +126,7 @@ def test_layer_zero_from_the_one_layer_model_is_kept_and_padding_is_zero():
   assert ((codes >= 0) & (codes < 32)).all()
 
 
+@pytest.mark.slow
 def test_sample_does_not_depend_on_batch_mates():
   _, model, params = _tiny_s2a(predicts_first_layer=True)
   options = s2a_decoding.S2ADecodeOptions(steps=(4, 2, 1, 1), cfg=2.5, temperature=1.5)
@@ -146,17 +152,29 @@ def test_sample_does_not_depend_on_batch_mates():
 
 
 def test_layer_schedule_weights_follow_the_reference():
-  _, model, _ = _tiny_s2a(num_quantizers=12)
-  w = s2a.layer_weights(model.config)
-  expected = np.array([0] + [12 - (i - 1) for i in range(1, 12)], np.float64)
-  np.testing.assert_allclose(w, expected / expected.sum(), rtol=1e-6)
+  cfg = config_lib.load_config("tiny").model
+  cfg.kind, cfg.vocab_size, cfg.cond_vocab_size, cfg.num_quantizers = "s2a", 32, 64, 12
+  model = s2a.S2AModel(s2a.S2AConfig.from_config(cfg))  # the config only: no parameters
+  # Spec section 7, "linear": with predict_layer_1 false (12 quantizers), layer 0 gets 0 and
+  # layers 1..11 get 12, 11, ..., 2 (sum 77); the 1-layer model always uses layer 0.
+  expected = np.array([0, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2], np.float64) / 77
+  np.testing.assert_allclose(s2a.layer_weights(model.config), expected, rtol=1e-6)
   one = s2a.S2AConfig(backbone=model.config.backbone, num_quantizers=1, predicts_first_layer=True)
   np.testing.assert_allclose(s2a.layer_weights(one), [1.0])
-  keys = jax.random.split(jax.random.key(0), 300)
+  # The sampler draws by those weights: a chi-square test of 5000 draws (fixed seed), which a
+  # uniform choice over layers 1..11 fails by far.
+  n = 5000
+  keys = jax.random.split(jax.random.key(0), n)
   draws = np.asarray(jax.vmap(lambda k: s2a.sample_target_layer(k, model.config))(keys))
-  assert draws.min() >= 1 and len(set(draws)) > 6
+  counts = np.bincount(draws, minlength=12)
+  assert counts[0] == 0 and counts.sum() == n
+  critical = scipy.stats.chi2.ppf(0.999, df=10)
+  chi2 = lambda p: float(np.sum((counts[1:] - n * p[1:]) ** 2 / (n * p[1:])))
+  assert chi2(expected) < critical, (counts, n * expected)
+  assert chi2(np.array([0] + [1 / 11] * 11)) > 10 * critical
 
 
+@pytest.mark.slow
 def test_tiny_s2a_objective_learns_a_fixed_batch():
   import optax
   from metis_jax.models import masking

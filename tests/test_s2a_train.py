@@ -178,6 +178,7 @@ def test_s2a_flops_count_the_frame_condition_and_one_head():
   assert metrics.training_flops_per_token(config.model, t) == 3 * 2 * (16 * per_layer + h * 1024 + 2 * h * m)
 
 
+@pytest.mark.slow
 def test_aot_dry_run_compiles_the_s2a_step():
   report = train_compile.dry_run(s2a_config(*RUN), "cpu-8")
   assert report.fits and report.mesh.startswith("data=1 fsdp=8 tensor=1")

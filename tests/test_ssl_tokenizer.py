@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from metis_jax.parallel import batch_layout
 from metis_jax import config_lib
@@ -25,6 +26,7 @@ def _tiny_tokenizer(num_devices=1):
                                              batch_layout.BatchLayout.local(num_devices))
 
 
+@pytest.mark.slow
 def test_tokenizes_batches_like_single_utterances_and_round_trips(tmp_path):
   tok = _tiny_tokenizer()
   assert isinstance(tok, tokenizer_lib.SSLTokenizer)
@@ -50,6 +52,7 @@ def test_tokenizes_batches_like_single_utterances_and_round_trips(tmp_path):
   np.testing.assert_array_equal(again, codes)
 
 
+@pytest.mark.slow
 def test_sharded_tokenizer_gives_the_unsharded_codes():
   """3 utterances of different lengths, padded to 4 rows over 2 devices, tokenize as on one."""
   sharded = _tiny_tokenizer(num_devices=2)

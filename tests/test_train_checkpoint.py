@@ -72,6 +72,7 @@ def test_nonfinite_update_is_skipped_counted_and_never_saved(tmp_path):
   assert bool(checkpointing.all_finite(three.params))
 
 
+@pytest.mark.slow
 def test_a_state_with_nonfinite_parameters_is_not_saved(tmp_path):
   _, _, _, state = lib.run_steps(lib.REFERENCE_MESH, 8)
   poisoned = state.replace(params=jax.tree.map(lambda x: x.at[0].set(np.nan) if x.ndim else x, state.params))

@@ -22,6 +22,7 @@ def compile_cli(cache_dir: str, *args: str) -> subprocess.CompletedProcess:
   return subprocess.run(command, cwd=lib.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_reports_memory_and_exit_status(tmp_path):
   overrides = lib.cli_overrides()
   fits = compile_cli(str(tmp_path), "--topology", "cpu-8", *overrides)

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from metis_jax.training import checkpointing
 from metis_jax.training import input_pipeline
@@ -17,6 +18,7 @@ from tests import train_testlib as lib
 LAUNCHER = os.path.join(lib.REPO_ROOT, "launch", "local_multiprocess.py")
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_checkpoint_together(tmp_path):
   workdir = str(tmp_path / "run")
   overrides = lib.REFERENCE_MESH + ("train.steps=3", "checkpoint.every_steps=2")

@@ -14,6 +14,7 @@ from tests.train_testlib import REFERENCE_MESH, run_steps
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "metis_base_partition_specs.txt")
 
 
+@pytest.mark.slow
 def test_eight_devices_data_fsdp_tensor_match_one_device():
   one, params_one, _, _ = run_steps()
   eight, params_eight, created, _ = run_steps(REFERENCE_MESH, 8)
@@ -26,6 +27,7 @@ def test_eight_devices_data_fsdp_tensor_match_one_device():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), params_one, params_eight)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
   full, params_full, _, _ = run_steps()
   accum, params_accum, _, _ = run_steps(("train.grad_accum_steps=4",))

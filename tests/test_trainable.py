@@ -43,6 +43,7 @@ def test_named_sets_select_their_groups():
       "backbone/layers/attention/query/lora_b", "mask_embedding"}
 
 
+@pytest.mark.slow
 def test_bad_specs_are_refused():
   params = _tiny_shapes()
   with pytest.raises(ValueError, match="unknown trainable group"):
@@ -52,6 +53,7 @@ def test_bad_specs_are_refused():
     trainable.trainable_mask(base_only, "lora")
 
 
+@pytest.mark.slow
 def test_split_join_and_a_step_that_trains_only_the_subset():
   cfg, model, params = helpers.tiny_model(seed=1, lora_rank=2, lora_alpha=4.0, cond_feature_dim=8)
   mask = trainable.trainable_mask(params, "lora+adapter")

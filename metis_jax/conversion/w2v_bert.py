@@ -22,7 +22,8 @@ ignored; everything else must match exactly (`common.check_keys`).
 
 Statistics: Amphion ships `wav2vec2bert_stats.pt`, a torch zip holding
 {"mean": f32[1024], "var": f32[1024]}. `convert_stats` reads it with
-`torch.load(weights_only=True)` (no arbitrary unpickling) and writes an .npz;
+`torch.load(weights_only=True)` (no arbitrary unpickling; torch from the
+optional `stats` extra) and writes an .npz;
 `load_stats` reads that .npz (numpy, `allow_pickle=False`).
 """
 
@@ -237,14 +238,20 @@ def convert_stats(pt_path: str, npz_path: str) -> tuple[np.ndarray, np.ndarray]:
   """Amphion's `wav2vec2bert_stats.pt` -> an .npz with float32 `mean` and `var`.
 
   Uses `torch.load(weights_only=True)`, which refuses pickled objects other
-  than tensors and plain containers. torch is imported here only (it is a
-  test/conversion-time dependency). Returns (mean, var).
+  than tensors and plain containers. This is the one place metis_jax uses
+  torch, imported here only: the optional `stats` extra
+  (`pip install -e ".[stats]"`). Returns (mean, var).
+
+  Raises:
+    ImportError: torch is not installed (one line saying what to install).
+    common.ConversionError: the file is not a plain {"mean", "var"} tensor dict.
   """
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError("convert_stats needs PyTorch to read the .pt file: pip install torch "
-                      "(or convert on a machine that has it and copy the .npz)") from e
+    raise ImportError(f"{pt_path}: reading a .pt statistics file needs torch, which is not installed; "
+                      f"pip install -e \".[stats]\" (CPU torch is enough), or convert on a machine that "
+                      f"has it and copy the .npz") from e
   try:
     stats = torch.load(pt_path, map_location="cpu", weights_only=True)
   except Exception as e:  # UnpicklingError, RuntimeError, OSError, ...
