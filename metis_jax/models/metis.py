@@ -6,6 +6,7 @@ Prompt positions are simply unmasked tokens; padding is excluded with `valid`.
 """
 
 import dataclasses
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from metis_jax.models import masking
 from metis_jax.parallel import sharding
 from metis_jax.nn import adapter as adapter_lib
 from metis_jax.nn import lora as lora_lib
@@ -71,6 +73,18 @@ def compact_positions(valid: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def logits_head(cfg: MetisConfig) -> nn.Dense:
+  """The output layer `to_logits`: embed -> vocab, with bias, in the compute dtype."""
+  return nn.Dense(cfg.vocab_size, dtype=cfg.backbone.compute_dtype,
+                  param_dtype=cfg.backbone.weight_dtype,
+                  kernel_init=sharding.partitioned(EMBED_INIT, ("embed", "vocab")),
+                  bias_init=sharding.partitioned(nn.initializers.zeros, ("vocab",)))
+
+
+def _float_logits(out: jax.Array) -> jax.Array:
+  return sharding.constrain(out.astype(jnp.float32), sharding.BATCH_LENGTH_VOCAB)
+
+
 class MetisModel(nn.Module):
   """Token/mask embeddings, optional phone prefix and adapter, backbone, logits head."""
   config: MetisConfig
@@ -91,10 +105,7 @@ class MetisModel(nn.Module):
       self.adapter = adapter_lib.ConditionAdapter(cfg.backbone.mlp_ratio * h, h, cfg.adapter_gated,
                                                   dtype=cdtype, param_dtype=wdtype)
     self.backbone = transformer.Backbone(dataclasses.replace(cfg.backbone, lora=cfg.lora))
-    self.to_logits = nn.Dense(
-        cfg.vocab_size, dtype=cdtype, param_dtype=wdtype,
-        kernel_init=sharding.partitioned(EMBED_INIT, ("embed", "vocab")),
-        bias_init=sharding.partitioned(nn.initializers.zeros, ("vocab",)))
+    self.to_logits = logits_head(cfg)
 
   def embed_tokens(self, tokens: jax.Array, is_masked: jax.Array) -> jax.Array:
     """`[batch, length]` ids and mask flags -> `[batch, length, embed]`."""
@@ -155,8 +166,7 @@ class MetisModel(nn.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """`[batch, length, embed]` -> float32 `[batch, length, vocab]`."""
-    out = self.to_logits(hidden).astype(jnp.float32)
-    return sharding.constrain(out, sharding.BATCH_LENGTH_VOCAB)
+    return _float_logits(self.to_logits(hidden))
 
   def __call__(self, tokens, is_masked, valid, t, phones=None, phone_valid=None,
                features=None, positions=None, segment_ids=None):
@@ -177,6 +187,41 @@ class MetisModel(nn.Module):
     if cfg.cond_feature_dim:
       args["features"] = jnp.zeros((batch, length, cfg.cond_feature_dim), jnp.float32)
     return args
+
+
+def _head_logits(cfg: MetisConfig, head, hidden: jax.Array) -> jax.Array:
+  """`MetisModel.logits` from the head's parameters alone (`params['to_logits']`)."""
+  return _float_logits(logits_head(cfg).apply({"params": head}, hidden))
+
+
+def training_loss(params, model: MetisModel, tokens: jax.Array, valid: jax.Array,
+                  corruption: masking.TrainingMask, *, rngs=None,
+                  chunk_size: int = masking.DEFAULT_CHUNK, **inputs):
+  """Masked cross-entropy of the SSL tokens, computed from the hidden states.
+
+  Equal to `masking.masked_cross_entropy(model.apply(...)[1], tokens,
+  corruption.is_masked & valid)`, without the float32 `[batch, length, vocab]`
+  logits (`masking.chunked_cross_entropy`).
+
+  Args:
+    params: the model's parameters.
+    tokens: `[batch, length]` SSL tokens (also the targets).
+    valid: `[batch, length]` bool.
+    corruption: the `masking.TrainingMask` (is_masked, t).
+    rngs: optional flax RNGs (LoRA dropout).
+    chunk_size: positions per row per logits chunk.
+    **inputs: `phones`, `phone_valid`, `features`, `positions`, `segment_ids`
+      for `MetisModel.hidden_states`.
+
+  Returns:
+    (mean CE, accuracy, number of scored tokens), as `masking.masked_cross_entropy`.
+  """
+  valid = valid.astype(bool)
+  hidden = model.apply({"params": params}, tokens, corruption.is_masked, valid, corruption.t,
+                       method=MetisModel.hidden_states, rngs=rngs, **inputs)
+  return masking.chunked_cross_entropy(functools.partial(_head_logits, model.config),
+                                       params["to_logits"], hidden, tokens,
+                                       corruption.is_masked & valid, chunk_size)
 
 
 def init_params(model: MetisModel, rng: jax.Array):

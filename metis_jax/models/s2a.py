@@ -9,6 +9,7 @@ shared backbone (as in stage 1, no phone prefix) feeds the head of layer l.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -108,14 +109,24 @@ class S2AModel(nn.Module):
       `[batch, time, embed]`.
     """
     mask = self.mask_vector()
+    emb = self.embed_all_layers(tokens)
     x = jnp.zeros(tokens.shape[:2] + (self.config.hidden_size,), self._dtype())
     for q in range(self.config.num_quantizers):
-      emb = self.embed_layer(tokens[..., q], q)
-      lower = emb
-      target = jnp.where(is_masked[..., None], mask, emb)
-      higher = jnp.where(is_prompt[..., None], emb, mask)
-      x = x + jnp.where(q < layer, lower, jnp.where(q == layer, target, higher))
+      # Layer q shows its embedding below the target, off the mask at the target, on the
+      # prompt above it; elsewhere the mask. Summed in layer order, as the reference does.
+      shown = jnp.where(q < layer, True, jnp.where(q == layer, ~is_masked, is_prompt))
+      x = x + jnp.where(shown[..., None], emb[:, :, q], mask)
     return x
+
+  def embed_all_layers(self, tokens: jax.Array) -> jax.Array:
+    """`[batch, time, num_quantizers]` codes -> `[batch, time, num_quantizers, embed]`.
+
+    One gather from the `[Q * C, embed]` table (its gradient one scatter-add,
+    not one per layer).
+    """
+    q, c, h = self.token_embedding.shape
+    table = self.token_embedding.reshape(q * c, h).astype(self._dtype())
+    return jnp.take(table, tokens + jnp.arange(q, dtype=tokens.dtype) * c, axis=0)
 
   def hidden_states(self, x: jax.Array, cond_tokens: jax.Array, layer, valid: jax.Array,
                     t: jax.Array, positions=None) -> jax.Array:
@@ -143,10 +154,8 @@ class S2AModel(nn.Module):
 
   def logits(self, hidden: jax.Array, layer) -> jax.Array:
     """`[batch, time, embed]` -> float32 `[batch, time, codebook]` from the head of `layer`."""
-    kernel = jnp.take(self.logits_kernel, layer, axis=0).astype(self._dtype())
-    bias = jnp.take(self.logits_bias, layer, axis=0)
-    out = jnp.einsum("bth,hc->btc", hidden.astype(self._dtype()), kernel).astype(jnp.float32)
-    return sharding.constrain(out + bias.astype(jnp.float32), sharding.BATCH_LENGTH_VOCAB)
+    head = layer_head({"logits_kernel": self.logits_kernel, "logits_bias": self.logits_bias}, layer)
+    return head_logits(self._dtype(), head, hidden)
 
   def __call__(self, tokens, cond_tokens, layer, is_masked, is_prompt, valid, t, positions=None):
     """Training forward -> (hidden `[batch, time, embed]`, logits of `layer`)."""
@@ -160,6 +169,19 @@ class S2AModel(nn.Module):
                 cond_tokens=jnp.zeros((batch, length), jnp.int32), layer=jnp.int32(0),
                 is_masked=jnp.zeros((batch, length), bool), is_prompt=jnp.zeros((batch, length), bool),
                 valid=jnp.ones((batch, length), bool), t=jnp.ones((batch,), jnp.float32))
+
+
+def layer_head(params, layer) -> dict[str, jax.Array]:
+  """The head of codec layer `layer`: {'kernel': `[embed, codebook]`, 'bias': `[codebook]`}."""
+  return {"kernel": jnp.take(params["logits_kernel"], layer, axis=0),
+          "bias": jnp.take(params["logits_bias"], layer, axis=0)}
+
+
+def head_logits(dtype, head: dict[str, jax.Array], hidden: jax.Array) -> jax.Array:
+  """`[batch, time, embed]` -> float32 `[batch, time, codebook]` through one layer's `head`."""
+  out = jnp.einsum("bth,hc->btc", hidden.astype(dtype), head["kernel"].astype(dtype))
+  out = out.astype(jnp.float32) + head["bias"].astype(jnp.float32)
+  return sharding.constrain(out, sharding.BATCH_LENGTH_VOCAB)
 
 
 def init_params(model: S2AModel, rng: jax.Array):
@@ -210,8 +232,12 @@ def sample_training_corruption(rng: jax.Array, valid: jax.Array, cfg: S2AConfig,
 
 def training_loss(params, model: S2AModel, tokens: jax.Array, cond_tokens: jax.Array,
                   valid: jax.Array, layer: jax.Array,
-                  corruption: masking.TrainingMask) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Masked cross-entropy of the target layer.
+                  corruption: masking.TrainingMask,
+                  chunk_size: int = masking.DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked cross-entropy of the target layer, computed from the hidden states.
+
+  Equal to `masking.masked_cross_entropy` of the `[batch, time, codebook]`
+  logits of `layer`, without making them (`masking.chunked_cross_entropy`).
 
   Args:
     tokens: `[batch, time, num_quantizers]` codec tokens.
@@ -219,11 +245,17 @@ def training_loss(params, model: S2AModel, tokens: jax.Array, cond_tokens: jax.A
     valid: `[batch, time]` bool.
     layer: target layer (traced int32 scalar).
     corruption: the `masking.TrainingMask` of that layer.
+    chunk_size: positions per row per logits chunk.
 
   Returns:
     (mean CE, accuracy, number of scored tokens), as `masking.masked_cross_entropy`.
   """
-  _, logits = model.apply({"params": params}, tokens, cond_tokens, layer, corruption.is_masked,
-                          corruption.is_prompt, valid, corruption.t)
-  targets = jnp.take_along_axis(tokens, jnp.broadcast_to(layer, tokens.shape[:2])[..., None], -1)[..., 0]
-  return masking.masked_cross_entropy(logits, targets, corruption.is_masked & valid)
+  def hidden_of(module):
+    x = module.training_inputs(tokens, layer, corruption.is_masked, corruption.is_prompt)
+    return module.hidden_states(x, cond_tokens, layer, valid, corruption.t)
+
+  hidden = model.apply({"params": params}, method=hidden_of)
+  targets = jnp.take(tokens, layer, axis=-1)
+  project = functools.partial(head_logits, model.config.backbone.compute_dtype)
+  return masking.chunked_cross_entropy(project, layer_head(params, layer), hidden, targets,
+                                       corruption.is_masked & valid, chunk_size)

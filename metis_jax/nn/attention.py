@@ -1,5 +1,11 @@
-"""Bidirectional multi-head self-attention with RoPE and a key-padding mask."""
+"""Bidirectional multi-head self-attention with RoPE and a key-padding mask.
 
+The kernel is chosen per backend (`choose_implementation`): XLA (the
+reference), cuDNN flash on a GPU in bf16/f16, Pallas splash on a TPU. The
+fused ones take the key padding as per-row lengths of left-packed rows.
+"""
+
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -73,20 +79,116 @@ class Projection(nn.Module):
     return y
 
 
-def choose_implementation(requested: Optional[str], dtype) -> Optional[str]:
-  """The `jax.nn.dot_product_attention` kernel to use.
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+# Kernels that take the key padding as per-row lengths (a valid prefix), not
+# as a mask: models left-pack their rows for them (`nn.packing`).
+LENGTH_MASK_KERNELS = ("cudnn", "splash")
+
+
+def current_backend() -> str:
+  """The platform being traced for: the active mesh's devices, else the default backend.
+
+  Ahead-of-time compiles for a TPU topology trace on a host whose default
+  backend is the CPU; their mesh names the target's platform.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  platform = getattr(device, "platform", None)
+  return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform) or jax.default_backend()
+
+
+def choose_implementation(requested: Optional[str], dtype,
+                          backend: Optional[str] = None) -> Optional[str]:
+  """The attention kernel to use: 'xla', 'cudnn', 'splash' or None (JAX chooses).
 
   An explicit request wins. Otherwise a GPU in bfloat16/float16 takes the
   fused cuDNN kernel: JAX's own choice is the unfused XLA one, which
   materializes the [batch, heads, T, T] scores (metis_base train step on an
   H100, 16 x 1024 tokens: 27% MFU with XLA, 40% with cuDNN;
-  benchmarks/train.py). Elsewhere JAX chooses.
+  benchmarks/train.py). A TPU takes the Pallas splash kernel (JAX has no
+  fused attention of its own there). Elsewhere (CPU, float32 on a GPU) JAX
+  chooses, which is XLA.
+
+  Args:
+    requested: the configured kernel ('' or None: choose).
+    dtype: the compute dtype of q/k/v.
+    backend: 'cpu', 'gpu' or 'tpu' (default `current_backend()`).
   """
   if requested:
+    if requested not in IMPLEMENTATIONS:
+      raise ValueError(f"attention implementation {requested!r} is not one of {IMPLEMENTATIONS}")
     return requested
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  backend = backend or current_backend()
+  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
+  if backend == "tpu":
+    return "splash"
   return None
+
+
+def takes_lengths(implementation: Optional[str]) -> bool:
+  """Whether `implementation` wants left-packed rows with per-row key lengths."""
+  return implementation in LENGTH_MASK_KERNELS
+
+
+def _splash_block(length: int) -> int:
+  return next(b for b in (512, 256, 128) if length % b == 0)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
+                     interpret: bool = False) -> jax.Array:
+  """Pallas splash attention (TPU) over left-packed rows.
+
+  Args:
+    q, k, v: `[batch, length, heads, head_dim]`.
+    kv_lengths: `[batch]` int32 valid prefix of each row.
+    interpret: run the kernel in the Pallas interpreter (tests on CPU).
+
+  Returns:
+    `[batch, length, heads, head_dim]`. Rows inside the prefix attend to the
+    prefix only; padding rows attend to the padding (segment ids 0 and 1),
+    so no row is empty and nothing is NaN.
+  """
+  # Imported here: the Pallas TPU ops are only needed (and only lower) on TPU.
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+  batch, length, heads, head_dim = q.shape
+  padded = -(-length // 128) * 128
+  q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+  if padded != length:
+    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [batch, heads, length, head_dim]
+  block = _splash_block(padded)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  mask = splash_mask.MultiHeadMask([splash_mask.FullMask((padded, padded))] * heads)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  segments = (jnp.arange(padded)[None, :] >= kv_lengths[:, None]).astype(jnp.int32)
+  out = jax.vmap(kernel)(q, k, v, segment_ids=splash.SegmentIds(q=segments, kv=segments))
+  return jnp.swapaxes(out, 1, 2)[:, :length]
+
+
+def _sharded_splash(q, k, v, kv_lengths, interpret: bool = False):
+  """`splash_attention` per device under the active mesh (Pallas calls do not partition).
+
+  Falls back to None when the rules split the length or head_dim axis (the
+  kernel needs whole rows), so the caller uses XLA.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  run = functools.partial(splash_attention, interpret=interpret)
+  if mesh.empty:
+    return run(q, k, v, kv_lengths)
+  spec = nn.logical_to_mesh_axes(sharding.BATCH_LENGTH_HEADS_KV)
+  if spec[1] is not None or spec[3] is not None:
+    return None
+  qkv = jax.sharding.PartitionSpec(*spec)
+  rows = jax.sharding.PartitionSpec(spec[0])
+  return jax.shard_map(run, mesh=mesh, in_specs=(qkv, qkv, qkv, rows), out_specs=qkv,
+                       check_vma=False)(q, k, v, kv_lengths)
 
 
 class SelfAttention(nn.Module):
@@ -95,8 +197,8 @@ class SelfAttention(nn.Module):
   Attributes:
     num_heads: number of heads; head_dim = embed // num_heads.
     rope_theta: RoPE base.
-    implementation: `jax.nn.dot_product_attention` implementation
-      (None = `choose_implementation`'s default, 'xla', 'cudnn').
+    implementation: attention kernel (None = `choose_implementation`'s
+      default, 'xla', 'cudnn', 'splash').
     lora: LoRA on q/k/v/o (`q_proj`... among its targets); default none.
   """
   num_heads: int
@@ -107,17 +209,24 @@ class SelfAttention(nn.Module):
   lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attends over all valid keys.
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: Optional[jax.Array] = None,
+               kv_lengths: Optional[jax.Array] = None) -> jax.Array:
+    """Attends over all valid keys, given by `mask` or (left-packed rows) by `kv_lengths`.
 
     Args:
       x: `[batch, length, embed]`.
       positions: `[batch, length]` RoPE positions.
       mask: boolean, broadcastable to `[batch, heads, length, length]`.
+      kv_lengths: `[batch]` int32: keys `[0, kv_lengths[b])` of row b are
+        valid (rows packed by `nn.packing`); exclusive with `mask`. Query
+        rows past the length still attend to the valid keys, except with
+        splash (they attend to the padding; their outputs are padding).
 
     Returns:
       `[batch, length, embed]`.
     """
+    if (mask is None) == (kv_lengths is None):
+      raise ValueError("pass exactly one of `mask` and `kv_lengths`")
     embed = x.shape[-1]
     head_dim = embed // self.num_heads
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -133,12 +242,24 @@ class SelfAttention(nn.Module):
     k = sharding.constrain(k, sharding.BATCH_LENGTH_HEADS_KV)
     v = sharding.constrain(v, sharding.BATCH_LENGTH_HEADS_KV)
     implementation = choose_implementation(self.implementation, q.dtype)
-    if implementation == "cudnn":
-      # The fused kernel takes the mask as a bias of full [batch, 1, q, k] shape (it
-      # rejects a broadcast key-padding mask); valid slots need not be a prefix (phone
-      # padding sits between phones and speech), so sequence lengths would not do.
-      mask = jnp.broadcast_to(mask, (mask.shape[0], 1, x.shape[1], x.shape[1]))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    out = None
+    if kv_lengths is not None:
+      # A row with no valid key would give cuDNN an empty softmax; its outputs are padding.
+      kv_lengths = jnp.maximum(kv_lengths.astype(jnp.int32), 1)
+      if implementation == "splash":
+        out = _sharded_splash(q, k, v, kv_lengths)
+        implementation = "xla" if out is None else implementation
+      if out is None:
+        out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths,
+                                           implementation=implementation)
+    else:
+      if implementation == "cudnn":
+        # The fused kernel takes a mask only as a bias of full [batch, 1, q, k] shape (it
+        # rejects a broadcast key-padding mask); left-packed rows use kv_lengths instead.
+        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, x.shape[1], x.shape[1]))
+      elif implementation == "splash":
+        implementation = "xla"  # arbitrary masks (segment ids of packed data): XLA
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     out = sharding.constrain(out, sharding.BATCH_LENGTH_HEADS_KV)
     out = Projection((embed,), 2, ("heads", "kv", "embed"), name="out", **dtypes,
                      **adapted("o_proj"))(out)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from metis_jax.parallel import sharding
-from metis_jax.nn import attention, embeddings, mlp, norms
+from metis_jax.nn import attention, embeddings, mlp, norms, packing
 from metis_jax.nn import lora as lora_lib
 
 REMAT_POLICIES = {
@@ -36,6 +36,10 @@ class BackboneConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = ""
+  # Left-pack each row's valid slots before the blocks (`nn.packing`). None:
+  # when the attention kernel takes key lengths rather than a mask (cuDNN,
+  # splash); True/False force it (outputs are the same either way).
+  pack_rows: Optional[bool] = None
   # LoRA on the blocks' linear maps (set by the model config; rank 0 = none).
   lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
 
@@ -53,8 +57,9 @@ class BackboneConfig:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
-    if self.attention_impl not in ("", "xla", "cudnn"):
-      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of '', 'xla', 'cudnn'")
+    if self.attention_impl not in ("",) + attention.IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
+                       f"{('',) + attention.IMPLEMENTATIONS}")
 
   @property
   def compute_dtype(self):
@@ -64,19 +69,29 @@ class BackboneConfig:
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
 
+  def packs_rows(self, backend: Optional[str] = None) -> bool:
+    """Whether the backbone left-packs its rows (see `pack_rows`) on `backend` (default: traced for)."""
+    if self.pack_rows is not None:
+      return self.pack_rows
+    chosen = attention.choose_implementation(self.attention_impl or None, self.compute_dtype, backend)
+    return attention.takes_lengths(chosen)
+
 
 class TransformerBlock(nn.Module):
   """Pre-norm block: x + attn(norm(x, c)); x + swiglu(norm(x, c))."""
   config: BackboneConfig
 
   @nn.compact
-  def __call__(self, x, cond, positions, mask):
-    """x `[batch, length, embed]`, cond `[batch, embed]` -> (x, None) (scan-friendly)."""
+  def __call__(self, x, cond, positions, mask, kv_lengths=None):
+    """x `[batch, length, embed]`, cond `[batch, embed]` -> (x, None) (scan-friendly).
+
+    The key padding is `mask` or, for left-packed rows, `kv_lengths` `[batch]`.
+    """
     cfg = self.config
     dtypes = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     h = norms.AdaptiveRMSNorm(cfg.norm_eps, name="input_norm", **dtypes)(x, cond)
     h = attention.SelfAttention(cfg.num_heads, cfg.rope_theta, cfg.attention_impl or None,
-                                name="attention", lora=cfg.lora, **dtypes)(h, positions, mask)
+                                name="attention", lora=cfg.lora, **dtypes)(h, positions, mask, kv_lengths)
     x = x + h
     h = norms.AdaptiveRMSNorm(cfg.norm_eps, name="post_attention_norm", **dtypes)(x, cond)
     h = mlp.SwiGLU(cfg.mlp_ratio * cfg.hidden_size, name="mlp", lora=cfg.lora, **dtypes)(h)
@@ -104,6 +119,10 @@ class Backbone(nn.Module):
       valid: `[batch, length]` bool, False at padding (never attended to).
       segment_ids: optional `[batch, length]` ids of packed sequences.
 
+    When `config.packs_rows()` (fused kernels), each row's valid slots are
+    moved to the front for the blocks and back after the final norm; the
+    outputs at valid slots are those of the masked path.
+
     Returns:
       `[batch, length, embed]` hidden states after the final norm.
     """
@@ -112,8 +131,18 @@ class Backbone(nn.Module):
     cond = mlp.ConditionMLP(cfg.mlp_ratio * cfg.hidden_size, cfg.hidden_size, name="time_mlp",
                             dtype=jnp.float32, param_dtype=cfg.weight_dtype)(
                                 embeddings.timestep_embedding(t, cfg.hidden_size))
-    mask = attention.attention_mask(valid, segment_ids)
-    x = sharding.constrain(x.astype(cfg.compute_dtype), sharding.BATCH_LENGTH_EMBED)
+    x = x.astype(cfg.compute_dtype)
+    packed = None
+    if segment_ids is None and cfg.packs_rows():
+      # Valid slots first, so the padding is a per-row suffix the fused kernels take
+      # as key lengths; positions travel with their slots, so outputs do not change.
+      packed = packing.left_pack(valid)
+      x = packing.pack(x, packed)
+      positions = jnp.take_along_axis(positions, packed.order, axis=1)
+      mask, kv_lengths = None, packed.lengths
+    else:
+      mask, kv_lengths = attention.attention_mask(valid, segment_ids), None
+    x = sharding.constrain(x, sharding.BATCH_LENGTH_EMBED)
 
     block = TransformerBlock
     policy = REMAT_POLICIES[cfg.remat_policy]
@@ -122,10 +151,13 @@ class Backbone(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, name="layers")(x, cond, positions, mask)
+      x, _ = stack(cfg, name="layers")(x, cond, positions, mask, kv_lengths)
     else:
       for i in range(cfg.num_layers):
-        x, _ = block(cfg, name=f"layers_{i}")(x, cond, positions, mask)
-    return norms.AdaptiveRMSNorm(cfg.norm_eps, name="final_norm", **dtypes)(x, cond)
+        x, _ = block(cfg, name=f"layers_{i}")(x, cond, positions, mask, kv_lengths)
+    x = norms.AdaptiveRMSNorm(cfg.norm_eps, name="final_norm", **dtypes)(x, cond)
+    if packed is not None:
+      x = sharding.constrain(packing.unpack(x, packed), sharding.BATCH_LENGTH_EMBED)
+    return x

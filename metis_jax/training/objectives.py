@@ -109,9 +109,9 @@ class MetisObjective:
     """Summed masked CE of a (micro-)batch: `tokens`/`valid` `[b, T]` (optional `positions`)."""
     del shared
     tokens, valid = batch["tokens"], batch["valid"].astype(bool)
-    _, logits = self.model.apply({"params": params}, tokens, rows.is_masked, valid, rows.t,
-                                 positions=batch.get("positions"))
-    mean_ce, accuracy, count = masking.masked_cross_entropy(logits, tokens, rows.is_masked & valid)
+    # From the hidden states, chunk by chunk: no [b, T, vocab] logits (metis.training_loss).
+    mean_ce, accuracy, count = metis.training_loss(params, self.model, tokens, valid, rows,
+                                                   positions=batch.get("positions"))
     return mean_ce * count, (accuracy * count, count)
 
 
