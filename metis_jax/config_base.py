@@ -12,6 +12,8 @@ Run builders (`config.model.kind` tells the trainer which objective runs):
   acoustic_codec_config()   'acoustic_codec': acoustic_codec_model, _train,
                             audio_data_config, mesh, checkpoint, logging, seed.
   semantic_codec_config()   'semantic_codec': the same plus `features`.
+  finetune_run_config()     'metis_finetune': get_config() plus `finetune` and
+                            `features` (fine-tuning from a frozen base).
 The run sections (mesh, checkpoint, logging, seed) are shared by all of them.
 """
 
@@ -92,9 +94,10 @@ def model_config() -> ml_collections.ConfigDict:
   #   'save_dots_no_batch'  keep only weight matmuls (not attention scores);
   #   'full'       keep only the block inputs, recompute everything.
   c.remat_policy = "none"
-  # Implementation of jax.nn.dot_product_attention: '' = the fused cuDNN kernel
-  # on a GPU in bf16/fp16 (1.45x the XLA kernel's throughput on an H100), JAX's
-  # choice elsewhere; 'xla' forces the portable kernel, 'cudnn' the fused one.
+  # Attention kernel: '' = the fused cuDNN kernel on a GPU in bf16/fp16 (1.45x the
+  # XLA kernel's throughput on an H100), Pallas splash attention on a TPU, XLA
+  # elsewhere; 'xla', 'cudnn', 'splash' force one. The fused kernels take rows
+  # left-packed (valid slots first, nn/packing.py), with per-row lengths.
   c.attention_impl = ""
   return c
 
@@ -438,6 +441,78 @@ def get_config() -> ml_collections.ConfigDict:
   config.decode = decode_config()
   config.train = train_config()
   return _with_run_sections(config, data_config())
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+  """A fine-tune of stage-1 Metis from a frozen base (`model.kind = 'metis_finetune'`).
+
+  See `metis_jax/training/finetune_objective.py`. Task batches are made on the
+  fly from one clean tokenized corpus (`data.train_sources`, shards tokenized
+  with `--record_sources`; or the demo corpus with `data.demo_corpus`), see
+  `metis_jax/data/tasks.py` for what each field below changes.
+  """
+  c = ml_collections.ConfigDict()
+  # 'se', 'tse', 'vc', 'tts', 'l2s' or 'omni' (a weighted mix of `omni_tasks`).
+  c.task = "se"
+  # What trains (`training/trainable.py` groups joined by '+', 'full', or
+  # 're:<regex>'): 'lora+adapter' (SE/TSE/VC), 'lora+phones' (TTS),
+  # 'adapter', 'full' (L2S, Omni). Everything else is frozen: no gradient and
+  # no optimizer state.
+  c.trainable = "lora+adapter"
+  # The frozen base: a metis_jax training workdir (its newest checkpoint), a
+  # folder from `python -m metis_jax.convert`, or a released stage-1
+  # .safetensors file (Metis base; MaskGCT T2S for TTS). Its sizes must equal
+  # `model`'s. Its content hash goes into every checkpoint; a resumed run with
+  # another base is refused.
+  c.base = ""
+  # Probability of dropping a row's prompt (and phones) in a batch: trains the
+  # unconditional branch of classifier-free guidance (VC, TTS, L2S decode with CFG).
+  c.prompt_drop_prob = 0.15
+  # Phone rows are padded to this width (TTS, Omni), so the step compiles once.
+  c.phone_length = 512
+  # Write `<workdir>/export/` at the end (a decode folder + the released layout).
+  c.export = True
+  # Task data (`data.tasks.TaskOptions`; max_length is train.seq_length).
+  # Corpus root of the records' source paths ('' = the shards' manifest input).
+  c.audio_root = ""
+  # SE noise and room-response folders (DNS-Challenge / MUSAN / WHAM!-style trees).
+  c.noise_dirs = ()
+  c.rir_dirs = ()
+  # L2S: visual features beside the audio ('') or under this folder (mirroring the corpus).
+  c.visual_dir = ""
+  c.visual_suffix = ".npy"
+  # Targets shorter than this many tokens are skipped (counted).
+  c.min_tokens = 25
+  # (min, max) prompt tokens drawn per example (TSE, VC, L2S).
+  c.prompt_tokens = (50, 150)
+  # SE: SNR range (dB) and probability of reverberating the clean speech.
+  c.snr_db = (-5.0, 20.0)
+  c.reverb_prob = 0.3
+  # TSE: interferer SIR range (dB).
+  c.sir_db = (-5.0, 5.0)
+  # VC: pitch-shift magnitude (semitones) and formant factor of the perturbed source.
+  c.vc_semitones = (2.0, 5.0)
+  c.vc_formant = 1.15
+  # Omni: the mixed tasks and their weights (empty = equal).
+  c.omni_tasks = ("se", "tse", "vc", "tts")
+  c.omni_weights = ()
+  # Train on all but the demo's held-out utterances (set by the demo corpus).
+  c.demo_heldout = False
+  return c
+
+
+def finetune_run_config() -> ml_collections.ConfigDict:
+  """All defaults of a fine-tune run: `get_config()` plus `finetune` and `features`.
+
+  `features` (the frozen w2v-BERT 2.0 encoder, as for the semantic codec) is
+  read when `model.cond_feature = 'w2v_bert'`: the condition features are
+  computed inside the step from the batch's 16 kHz audio.
+  """
+  config = get_config()
+  config.model.kind = "metis_finetune"
+  config.finetune = finetune_config()
+  config.features = features_config()
+  return config
 
 
 # ----------------------------------------------------------------------------- codecs

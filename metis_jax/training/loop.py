@@ -46,6 +46,7 @@ from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.data import fingerprint
 from metis_jax.training import checkpointing
 from metis_jax.training import codec_objective
+from metis_jax.training import finetune_objective
 from metis_jax.training import masked_objective
 from metis_jax.training import metrics as metrics_lib
 from metis_jax.training import objective as objective_lib
@@ -59,6 +60,7 @@ OBJECTIVES = {
     "s2a": masked_objective.MaskedObjective,
     "acoustic_codec": codec_objective.CodecObjective,
     "semantic_codec": codec_objective.CodecObjective,
+    finetune_objective.KIND: finetune_objective.FinetuneObjective,
 }
 
 

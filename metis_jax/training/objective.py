@@ -12,6 +12,8 @@ differs, chosen by `config.model.kind` (`loop.OBJECTIVES`):
   's2a'             masked_objective.MaskedObjective   state.TrainState              step.train_step: one codec layer per batch
   'acoustic_codec'  codec_objective.CodecObjective     codec_state.CodecTrainState   codec_step: generator, then discriminator (GAN)
   'semantic_codec'  codec_objective.CodecObjective     codec_state.CodecTrainState   codec_step.semantic_step
+  'metis_finetune'  finetune_objective.FinetuneObjective  finetune_objective.FinetuneState  finetune_step: masked CE of
+                    target tokens, trainable subset only
 
 A state is a `flax.struct` pytree with at least `step` (int32 scalar, batches
 consumed) and `params`; the loop saves and restores it whole (Orbax item
@@ -20,8 +22,8 @@ guards its update (`update.guarded_update`): a non-finite loss or gradient
 skips it, the state counts it (`skipped_steps`) and the metrics say so
 (`skipped`).
 
-Fine-tuning (frozen base, trainable subset) slots in as one more objective,
-without touching the loop: `create_state`/`abstract_state` hold only the
+Fine-tuning (frozen base, trainable subset; `finetune_objective.py`) is one more objective,
+without changes to the loop: `create_state`/`abstract_state` hold only the
 trainable subset (LoRA factors, the frame-level adapter) and the optimizer
 state of that subset (its own `tx`), so checkpoints carry only what changes;
 `compile` loads the frozen base parameters once, sharded by the same logical

@@ -1,0 +1,11 @@
+"""Metis TTS fine-tune at the released size (configs/metis_finetune.py:tts); the base is a flag.
+
+Run:  python -m metis_jax.train --config configs/metis_tts.py --workdir gs://BUCKET/metis_tts \
+          --config.finetune.base=metis_base/model.safetensors --config.data.train_sources='("gs://BUCKET/shards",)'
+"""
+
+from metis_jax import config_lib
+
+
+def get_config():
+  return config_lib.load_sibling(__file__, "metis_finetune.py", "tts")
