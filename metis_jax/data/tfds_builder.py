@@ -28,7 +28,17 @@ import sys
 from typing import Any, Iterator
 
 import numpy as np
-import tensorflow_datasets as tfds
+try:
+  import tensorflow_datasets as tfds
+except ImportError:
+  if __name__ != "__main__":
+    raise
+  # The command without the extra: --help still answers, anything else is one error line.
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+    print(__doc__)
+    sys.exit(0)
+  print("error: the TFDS builder needs tensorflow-datasets: pip install -e \".[tfds]\"", file=sys.stderr)
+  sys.exit(2)
 
 try:
   import importlib_resources  # noqa: F401  pylint: disable=unused-import
