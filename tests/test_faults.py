@@ -271,6 +271,7 @@ def test_killed_launcher_leaves_no_worker_alive(tmp_path):
   assert not alive, "workers outlived a SIGKILLed launcher"
 
 
+@pytest.mark.slow
 def test_a_dying_worker_takes_the_others_down_and_its_status_is_reported(tmp_path):
   script = ("import os, sys, time\n"
             "if os.environ['METIS_PROCESS_ID'] == '1':\n"
