@@ -259,9 +259,17 @@ def main(argv):
     # The default job: stage 1, then both S2A models on the same demo data, so that
     # `decode --model <workdir>` has every part it needs (decode_bundle.json).
     demo_job.run_demo_job(FLAGS.workdir, FLAGS.config, log=lambda s: print(s, flush=True), train=train)
-  elif not train(FLAGS.config, FLAGS.workdir).ok:
-    sys.exit(1)
-
+  else:
+    result = train(FLAGS.config, FLAGS.workdir)
+    if not result.ok:
+      print(f"error: the run failed at step {result.final_step}: {result.reason}", file=sys.stderr)
+      sys.exit(1)
+    if jax.process_index() == 0:
+      print(f"done: step {result.final_step}/{FLAGS.config.train.steps}"
+            f"{' (preempted)' if result.preempted else ''}; checkpoints in "
+            f"{os.path.join(FLAGS.workdir, 'checkpoints')}, metrics in "
+            f"{os.path.join(FLAGS.workdir, 'metrics.jsonl')}"
+            + (f"; exported {', '.join(result.exported)}" if result.exported else ""), flush=True)
 
 
 def run_main() -> None:
