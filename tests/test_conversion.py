@@ -56,6 +56,7 @@ def test_file_round_trip_and_inferred_config(tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, loaded)
 
 
+@pytest.mark.slow
 def test_mismatched_file_is_refused_with_the_bad_keys():
   model_cfg = config_lib.load_config("tiny").model
   tensors = t2s.params_to_amphion(_random_params(model_cfg), model_cfg)

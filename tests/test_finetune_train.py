@@ -236,6 +236,7 @@ def test_tiny_se_finetune_learns_and_beats_the_unconditioned_base(tmp_path_facto
   assert acc_ft > max(acc_base + 0.02, 3 * acc_base), (acc_ft, acc_base)
 
 
+@pytest.mark.slow
 def test_w2v_bert_condition_features_are_computed_in_the_step_from_audio():
   """Full-size path at toy size: a random w2v-BERT encoder makes [B, T, H] features from cond_audio;
   rows without a condition (Omni's TTS rows) get zero adapter input."""

@@ -37,6 +37,7 @@ def test_gradient_accumulation_matches_one_big_batch():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), params_full, params_accum)
 
 
+@pytest.mark.slow
 def test_state_is_created_sharded_by_the_logical_rules():
   _, _, created, _ = run_steps(REFERENCE_MESH, 8)
   # token_embed [vocab 64, embed 32] -> (tensor, fsdp): each device holds [32, 16].
