@@ -390,22 +390,9 @@ def finetune_step(state: FinetuneState, batch: Batch, frozen: dict, encoder: Any
     return mean_ce * count, (accuracy * count, count)
 
   # value_and_grad in the first argument (the trainable tree) only.
-  (loss_sum, (correct, count)), grad_sum = step_lib.accumulate_gradients(
-      loss_fn, state.params, (micro, dropout_keys), num_micro)
-  denom = jnp.maximum(count, 1.0)
-  loss, accuracy = loss_sum / denom, correct / denom
-  grads = jax.tree.map(lambda g: g / denom, grad_sum)
-  poison = state.step + 1 == cfg.inject_nan_at_step if cfg.inject_nan_at_step >= 0 else None
-  new_params, new_opt_state, grad_norm, skipped = update_lib.guarded_update(
-      setup.tx, grads, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison)
-  skipped_steps = state.skipped_steps + skipped.astype(jnp.int32)
-  new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
-                            skipped_steps=skipped_steps)
-  applied = state.step - state.skipped_steps
-  metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
-                 learning_rate=optimizer_lib.learning_rate_schedule(cfg)(applied),
-                 scored_tokens=count, valid_tokens=valid.sum().astype(jnp.float32),
-                 skipped=skipped.astype(jnp.float32), skipped_steps=skipped_steps.astype(jnp.float32),
+  sums = step_lib.accumulate_gradients(loss_fn, state.params, (micro, dropout_keys), num_micro)
+  new_state, metrics = step_lib.apply_token_mean_update(state, setup.tx, cfg, sums)
+  metrics = dict(metrics, valid_tokens=valid.sum().astype(jnp.float32),
                  prompt_dropped=dropped.sum().astype(jnp.float32))
   return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 

@@ -108,26 +108,44 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, setup: Setup,
         x, PartitionSpec(batch_axes, *([None] * (x.ndim - 1)))), mb)
     return objective.loss(params, mb[0], mb[1], shared)
 
-  (loss_sum, (correct, count)), grad_sum = accumulate_gradients(loss_fn, state.params, micro,
-                                                                num_micro)
+  sums = accumulate_gradients(loss_fn, state.params, micro, num_micro)
+  new_state, metrics = apply_token_mean_update(state, setup.tx, cfg, sums)
+  metrics = dict(metrics, valid_tokens=valid.sum().astype(jnp.float32), **shared)
+  return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+
+def apply_token_mean_update(state, tx, cfg: ml_collections.ConfigDict, sums):
+  """Gradient sums over the scored tokens -> guarded update of `state.params`.
+
+  Shared by every masked-token step (pre-training, S2A, fine-tunes).
+
+  Args:
+    state: a state with `step`, `params`, `opt_state`, `skipped_steps`.
+    tx: its optimizer.
+    cfg: `config.train` (`inject_nan_at_step`, `skip_nonfinite`, the schedule).
+    sums: `accumulate_gradients`' ((loss sum, (correct, count)), gradient sum).
+
+  Returns:
+    (new state, metrics: `loss`, `accuracy`, `grad_norm`, `learning_rate`,
+    `scored_tokens`, `skipped`, `skipped_steps`).
+  """
+  (loss_sum, (correct, count)), grad_sum = sums
   denom = jnp.maximum(count, 1.0)
   loss, accuracy = loss_sum / denom, correct / denom
   grads = jax.tree.map(lambda g: g / denom, grad_sum)
   poison = state.step + 1 == cfg.inject_nan_at_step if cfg.inject_nan_at_step >= 0 else None
   new_params, new_opt_state, grad_norm, skipped = update_lib.guarded_update(
-      setup.tx, grads, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison)
+      tx, grads, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison)
   skipped_steps = state.skipped_steps + skipped.astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
                             skipped_steps=skipped_steps)
   # The schedule advances with applied updates only (optax's own count).
   applied = state.step - state.skipped_steps
-  metrics = dict(
-      loss=loss, accuracy=accuracy, grad_norm=grad_norm,
-      learning_rate=optimizer_lib.learning_rate_schedule(cfg)(applied),
-      scored_tokens=count, valid_tokens=valid.sum().astype(jnp.float32),
-      skipped=skipped.astype(jnp.float32), skipped_steps=skipped_steps.astype(jnp.float32),
-      **shared)
-  return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+  metrics = dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm,
+                 learning_rate=optimizer_lib.learning_rate_schedule(cfg)(applied),
+                 scored_tokens=count, skipped=skipped.astype(jnp.float32),
+                 skipped_steps=skipped_steps.astype(jnp.float32))
+  return new_state, metrics
 
 
 def step_rng(state: TrainState) -> jax.Array:
