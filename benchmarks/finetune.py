@@ -17,6 +17,10 @@ Rows (nothing of base size is allocated: parameters come from `jax.eval_shape`):
                        compiled for cpu-8 (fsdp 8) at `--memory_batch` x T, as train_compile
                        does for pre-training; the stage-1 pre-training step of the same model
                        alongside. v5p-8 needs libtpu (`--topology v5p-8`).
+  step time            with `--step_time`: the real jitted fine-tune step on the first local
+                       device, random weights, `--step_batch` x T, both modes interleaved
+                       (`--step_repeats` rounds, median); `--step_layers` < 16 keeps the full
+                       fine-tune's state (weights, grads, AdamW: ~16 B per parameter) in RAM.
 """
 
 import argparse
@@ -31,6 +35,7 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from metis_jax import config_lib  # pylint: disable=wrong-import-position
+from metis_jax.models import metis  # pylint: disable=wrong-import-position
 from metis_jax.parallel import mesh as mesh_lib  # pylint: disable=wrong-import-position
 from metis_jax.training import aot_compile  # pylint: disable=wrong-import-position
 from metis_jax.training import finetune_objective as fto  # pylint: disable=wrong-import-position
@@ -107,6 +112,52 @@ def pretrain_memory(devices, batch_size: int, length: int) -> dict:
   return metrics_lib.memory_summary(compiled)
 
 
+def random_batch(spec: dict, vocab: int, rng: np.random.Generator) -> dict:
+  """Host arrays for a fine-tune batch spec: full rows, prompts of a quarter, random features."""
+  out = {}
+  for k, s in spec.items():
+    if k == "tokens":
+      out[k] = rng.integers(0, vocab, s.shape, dtype=np.int32)
+    elif k in ("valid", "phone_valid"):
+      out[k] = np.ones(s.shape, bool)
+    elif k == "prompt_lengths":
+      out[k] = np.full(s.shape, spec["tokens"].shape[1] // 4, np.int32)
+    elif k.endswith("lengths"):
+      out[k] = np.full(s.shape, spec["tokens"].shape[1], np.int32)
+    elif np.issubdtype(s.dtype, np.floating):
+      out[k] = rng.standard_normal(s.shape).astype(s.dtype)
+    else:
+      out[k] = np.zeros(s.shape, s.dtype)
+  return out
+
+
+def step_times(batch_size: int, length: int, layers: int, repeats: int) -> dict:
+  """Median seconds of the jitted fine-tune step per mode, modes interleaved round by round."""
+  import time  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()[:1]
+  runs = {}
+  for mode in MODES:
+    config = make_config(mode, f"train.global_batch_size={batch_size}", f"train.seq_length={length}",
+                         f"model.num_layers={layers}", "train.warmup_steps=1")
+    setup = fto.make_setup(config, with_encoder=False)
+    mesh = mesh_lib.create_mesh(config.mesh, devices)
+    spec = fto.batch_spec(config, features_in_batch=True)
+    step = fto.jit_finetune_step(setup, config, mesh, spec)
+    full = jax.jit(lambda: metis.init_params(setup.model, jax.random.key(1)))()
+    frozen = fto.select(full, fto.trainable_mask(setup), False)
+    state = jax.jit(fto.init_fn(setup, 0), out_shardings=fto.state_shardings(setup, mesh))()
+    batch = random_batch(spec, int(config.model.vocab_size), np.random.default_rng(0))
+    runs[mode] = {"step": step, "state": state, "frozen": frozen, "batch": batch, "times": []}
+  for r in range(repeats + 1):
+    for mode, run in runs.items():
+      t0 = time.perf_counter()
+      run["state"], metrics = run["step"](run["state"], run["batch"], run["frozen"], None)
+      jax.block_until_ready(metrics)
+      if r:  # round 0 compiles
+        run["times"].append(time.perf_counter() - t0)
+  return {mode: float(np.median(run["times"])) for mode, run in runs.items()}
+
+
 def gib(n: float) -> str:
   return f"{n / 2 ** 30:.2f} GiB"
 
@@ -118,6 +169,10 @@ def main(argv=None):
   ap.add_argument("--memory_batch", type=int, default=8)
   ap.add_argument("--topology", default="cpu-8")
   ap.add_argument("--skip_memory", action="store_true")
+  ap.add_argument("--step_time", action="store_true", help="also time the real step on this device")
+  ap.add_argument("--step_batch", type=int, default=1)
+  ap.add_argument("--step_layers", type=int, default=16)
+  ap.add_argument("--step_repeats", type=int, default=3)
   args = ap.parse_args(argv)
   rows = {}
   for mode in MODES:
@@ -148,6 +203,12 @@ def main(argv=None):
            ("backward FLOPs", lo["backward"] / 1e9, full["backward"] / 1e9, "{:.1f} G")]
   for name, a, b, fmt in table:
     print(f"{name:28} {fmt.format(a):>16} {fmt.format(b):>16} {a / b:8.3f}")
+  if args.step_time:
+    times = step_times(args.step_batch, args.length, args.step_layers, args.step_repeats)
+    print(f"step time on {jax.devices()[0].platform} (B {args.step_batch} x T {args.length}, "
+          f"{args.step_layers} layers, median of {args.step_repeats}): "
+          f"lora+adapter {times['lora+adapter']:.2f} s, full {times['full']:.2f} s, "
+          f"ratio {times['lora+adapter'] / times['full']:.3f}")
   for name, m in memory.items():
     print(f"{args.topology} per-chip memory, {name} (B {args.memory_batch} x T {args.length}): "
           f"total {gib(m['total'])} (arguments {gib(m['argument'])}, temporaries {gib(m['temp'])})")
