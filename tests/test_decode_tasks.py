@@ -176,6 +176,30 @@ def test_tse_vc_manifest_with_a_bad_line(setup):
   assert abs(_seconds(out) - _seconds(wav(SOURCE))) < 0.1
 
 
+def test_aligned_vc_reference_is_scored_against_the_input(setup):
+  """A VC line with `reference_aligned` gets the output's measures and the input's (the baseline),
+  with token accuracies against the reference's tokens; without it, NLL only. The input here is
+  the reference itself, so its measures are exact: token accuracy 1, mel distance 0."""
+  root = setup["root"] / "vc_aligned"
+  root.mkdir()
+  wav = setup["wav"]
+  lines = [{"id": "v1", "wav": wav(CLEAN), "prompt_wav": wav(TARGET_VOICE), "reference_wav": wav(CLEAN),
+            "reference_aligned": True},
+           {"id": "v2", "wav": wav(SOURCE), "prompt_wav": wav(TARGET_VOICE), "reference_wav": wav(CLEAN)}]
+  (root / "m.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+  out_dir = root / "out"
+  assert _run(setup, "ft", "--task", "vc", "--manifest", str(root / "m.jsonl"), "--output_dir",
+              str(out_dir), "--window_seconds", "0") == 0
+  rows = {r["id"]: r for r in _report(str(out_dir / "report.jsonl"))}
+  v1, v2 = rows["v1"], rows["v2"]
+  assert v1["token_accuracy_input"] == 1.0 and v1["mel_distance_input"] == pytest.approx(0.0, abs=1e-9)
+  assert v1["si_snr_input"] > 60 and np.isfinite(v1["si_snr"]) and v1["mel_distance"] > 0
+  assert 0.0 <= v1["token_accuracy"] <= 1.0 and np.isfinite(v1["nll"])
+  assert np.isfinite(v2["nll"]) and not {"si_snr", "si_snr_input", "token_accuracy"} & set(v2)
+  page = (out_dir / "report.html").read_text()
+  assert "<table id='baseline'>" in page and "<th>input mel dist</th>" in page
+
+
 def test_l2s_from_visual_features(setup, tmp_path):
   feats = np.random.default_rng(0).standard_normal((40, 768)).astype(np.float32)  # 1.6 s at 25 fps
   np.save(tmp_path / "v.npy", feats)
@@ -218,6 +242,6 @@ def test_report_html_of_a_run_loads_in_the_browser(setup):
   assert sorted(rows["s1"]["media"]) == ["input", "output", "reference"]
   page = out_dir / "report.html"
   text = page.read_text()
-  assert "gone.wav" in text and "<h2>Summary</h2>" in text
+  assert "gone.wav" in text and "<h2>Summary</h2>" in text and "<table id='baseline'>" in text
   status = test_report_html._status(test_report_html._loaded_dom(str(page)))
   assert status == {"loaded": 6, "failed": 0, "total": 6}, status

@@ -11,6 +11,9 @@ From the default job's workdir alone (its decode_bundle.json names both S2A mode
 tokenizer and the acoustic tokenizer rendered by Griffin-Lim, inference/mel_renderer.py):
   python -m metis_jax.decode --task continue --model /tmp/metis_tiny --prompt_wav p.wav \
       --target_seconds 3 --out continued.wav
+A tiny fine-tune of that job's base, with the job's other parts (--bundle fills what is missing):
+  python -m metis_jax.decode --task se --model /tmp/ft_se/export/model --bundle /tmp/metis_tiny \
+      --wav noisy.wav --out enhanced.wav
 
 From the released weights as downloaded (python -m metis_jax.fetch --released_dir /ckpt/released):
   python -m metis_jax.decode --task tts --released_dir /ckpt/released \
@@ -26,7 +29,8 @@ Many examples, one JSON object per line (paths relative to the manifest):
    "target_seconds": 4.0, "reference_wav": "gt.wav"}
   (resynth: {"wav": "clip.wav"}; continue: {"prompt_wav": ..., "target_seconds": ...};
    se: {"wav": "noisy.wav", "reference_wav": "clean.wav"}; tse: {"wav": "mixture.wav",
-   "prompt_wav": "enrollment.wav"}; vc: {"wav": "source.wav", "prompt_wav": "voice.wav"};
+   "prompt_wav": "enrollment.wav"}; vc: {"wav": "source.wav", "prompt_wav": "voice.wav"}, with
+   "reference_aligned": true when its "reference_wav" has the source's timing (signal measures);
    l2s: {"visual_features": "lips.npy", "prompt_wav": "voice.wav"})
 
 Fine-tuned tasks (se, tse, vc, l2s, omni), e.g.:
@@ -116,6 +120,9 @@ FLAG_SPECS = (
     ("released_dir", _STR, None, "Folder of the released weights as downloaded (python -m metis_jax.fetch; "
      "conversion/released.py): every part not given by its own flag comes from it, the SSL tokenizer "
      "from w2v-bert-2.0/ + its statistics (.npz) + semantic_codec/ unless --tokenizer."),
+    ("bundle", _STR, None, "A default job's workdir (its decode_bundle.json) supplying every part not "
+     "given otherwise: both S2A models, the SSL tokenizer and the Griffin-Lim mel renderer (and the "
+     "stage-1 model without --model); e.g. --model <a tiny fine-tune>/export/model --bundle /tmp/metis_tiny."),
     ("dtype", _STR, "", "Compute dtype of the models ('' = float32 on CPU, else the models' own)."),
     # Examples.
     ("text", _STR, None, "Text to say (one example)."),
@@ -326,12 +333,36 @@ def decode_defaults(args: Args, task_name: str):
 
 
 def resolve_parts(args: Args, task):
-  """`decode_parts.resolve`, its failures as UsageError."""
-  from metis_jax.inference import decode_parts  # pylint: disable=g-import-not-at-top
+  """`decode_parts.resolve`, then what is still missing from `--bundle`; failures as UsageError."""
+  from metis_jax.inference import decode_parts, demo_bundle  # pylint: disable=g-import-not-at-top
+  if args.bundle and not demo_bundle.is_bundle(args.bundle):
+    raise UsageError(f"--bundle {args.bundle}: no {demo_bundle.BUNDLE_NAME} there; give the default job's "
+                     "workdir (python -m metis_jax.train --config configs/tiny.py --workdir DIR)")
   try:
-    return decode_parts.resolve(args, task)
+    parts = decode_parts.resolve(args, task)
+    if args.bundle:
+      bundle_args = Args(dict(args.values, model=args.bundle, lora=None, adapter=None, released_dir=None))
+      _fill_parts(parts, decode_parts.resolve(bundle_args, task), decode_parts.BUNDLE)
   except decode_parts.PartsError as e:
     raise UsageError(str(e)) from e
+  return parts
+
+
+def _fill_parts(parts, other, origin: str) -> None:
+  """Copies into `parts` each part it lacks from `other` (the acoustic side and the tokenizer whole)."""
+  for name in ("stage1", "s2a_full", "s2a_1layer", "vocab"):
+    if not getattr(parts, name) and getattr(other, name):
+      setattr(parts, name, getattr(other, name))
+      parts.origin[name] = origin
+  if not parts.has_tokenizer and other.has_tokenizer:
+    parts.tokenizer, parts.tokenizer_files = other.tokenizer, other.tokenizer_files
+    parts.origin["tokenizer"] = origin
+  if not parts.has_acoustic and other.has_acoustic:
+    for name in ("renderer", "codec_encoder", "codec_decoder"):
+      setattr(parts, name, getattr(other, name))
+      if getattr(other, name):
+        parts.origin[name] = origin
+    parts.renderer_options = dict(other.renderer_options)
 
 
 def build_engine(args: Args, task, parts=None):
@@ -643,6 +674,8 @@ class _Run:
         wav16.append(j.source_wav16); wav24.append(j.reference_wav24); slots.append((j, "source"))
       if j.reference_wav16 is not None:
         wav16.append(j.reference_wav16); wav24.append(None); slots.append((j, "reference"))
+      if j.input_wav16 is not None and self.args.evaluate:  # the input's tokens: its token accuracy
+        wav16.append(j.input_wav16); wav24.append(None); slots.append((j, "input"))
     # Collective: called even when this process has nothing to encode.
     tokens, codes = self.engine.encode_audio(
         wav16, wav24, self.account([(j, len(w) // 320) for (j, _), w in zip(slots, wav16)]))
@@ -651,6 +684,8 @@ class _Run:
         j.prompt_semantic, j.prompt_acoustic = tok, code
       elif kind == "source":
         _setup_resynth(j, tok, code, self.engine)
+      elif kind == "input":
+        j.input_semantic, j.input_wav16 = tok, None
       else:
         j.reference_semantic = tok
     for j in self.jobs:
@@ -912,11 +947,16 @@ def _metrics(job, audio, asr, speaker) -> dict:
   m = {}
   rate = decode_engine.CODEC_RATE
   if job.reference_wav24 is not None and len(job.reference_wav24):
-    m["si_snr"] = evaluation.si_snr(audio, job.reference_wav24)
-    if job.input_wav24 is not None:  # se / tse: the input's own score, for the improvement
-      m["si_snr_input"] = evaluation.si_snr(job.input_wav24, job.reference_wav24)
-    m["mel_distance"] = evaluation.mel_distance(audio, job.reference_wav24, rate)
-    m.update(evaluation.optional_metrics(audio, job.reference_wav24, rate))
+    m.update(evaluation.signal_metrics(audio, job.reference_wav24, rate))
+    if job.input_wav24 is not None:  # se / tse / aligned vc: the input itself, the baseline
+      m.update(evaluation.signal_metrics(job.input_wav24, job.reference_wav24, rate,
+                                         suffix=evaluation.INPUT_SUFFIX))
+    ref_tokens = job.reference_semantic
+    if ref_tokens is not None and len(ref_tokens) and job.input_wav24 is not None:
+      if len(job.chunks) == 1 and job.chunks[0].semantic is not None:  # windows: no one token stream
+        m["token_accuracy"] = evaluation.token_accuracy(job.chunks[0].semantic, ref_tokens)
+      if job.input_semantic is not None:
+        m["token_accuracy_input"] = evaluation.token_accuracy(job.input_semantic, ref_tokens)
   if asr is not None and job.text:
     transcript = asr(audio, rate, job.language)
     m["transcript"] = transcript

@@ -8,11 +8,17 @@ Where a reference exists:
     stage-1 model, given the prompt (and phones): the mean cross-entropy at
     masked positions over fixed mask ratios gamma(t) = sin(pi t / 2), t in
     `NLL_TIMES`, with the masks drawn from the example's key;
-  * for tasks with a time-aligned clean reference (resynthesis, SE, TSE):
-    SI-SNR (dB; for SE / TSE also the input's, `si_snr_input`) and log-mel
+  * for tasks with a time-aligned clean reference (resynthesis, SE, TSE, VC
+    when the manifest says `reference_aligned`): SI-SNR (dB) and log-mel
     distance (mean |log mel_a - log mel_b|, 80 bins, 24 kHz), and STOI / PESQ
-    when `pystoi` / `pesq` are installed (optional imports).
+    when `pystoi` / `pesq` are installed (optional imports);
+  * for SE / TSE / VC the same measures of the input itself against the
+    reference (`<measure>_input`: the noisy input, the mixture, the perturbed
+    source), the baseline a model must beat, and the token accuracy of the
+    generated SSL tokens and of the input's own tokens against the
+    reference's (`token_accuracy`, `token_accuracy_input`; one-call inputs).
   Adapter models (SE, TSE, VC, L2S) score the reference under their condition.
+`baseline_rows` puts each measure's input and output means side by side.
 Hooks, loaded from `module:factory` strings and the weights they are pointed
 at: an ASR model (`factory(weights)(wav, sample_rate, language) -> text`)
 gives the word error rate against the text said, a speaker-embedding model
@@ -72,6 +78,25 @@ def mel_distance(estimate: np.ndarray, reference: np.ndarray, sample_rate: int =
   n = min(len(estimate), len(reference))
   a, b = log_mel(estimate[:n], sample_rate), log_mel(reference[:n], sample_rate)
   return float(np.mean(np.abs(a - b)))
+
+
+INPUT_SUFFIX = "_input"
+
+
+def signal_metrics(estimate: np.ndarray, reference: np.ndarray, sample_rate: int, suffix: str = "") -> dict:
+  """SI-SNR, mel distance (and STOI / PESQ when installed) of `estimate [n]` against a time-aligned
+  `reference [m]` (the shorter length), keys suffixed with `suffix` (e.g. '_input')."""
+  out = {"si_snr": si_snr(estimate, reference), "mel_distance": mel_distance(estimate, reference, sample_rate)}
+  out.update(optional_metrics(estimate, reference, sample_rate))
+  return {k + suffix: v for k, v in out.items()}
+
+
+def token_accuracy(tokens: np.ndarray, reference: np.ndarray) -> float:
+  """Fraction of frames where `tokens [T]` equals `reference [T']` (over the shorter length)."""
+  n = min(len(tokens), len(reference))
+  if n == 0:
+    return float("nan")
+  return float(np.mean(np.asarray(tokens[:n]) == np.asarray(reference[:n])))
 
 
 def optional_metrics(estimate: np.ndarray, reference: np.ndarray, sample_rate: int) -> dict:
@@ -193,13 +218,60 @@ def make_masked_nll(model, times: Sequence[float] = NLL_TIMES, schedule: str = "
 
 # ----------------------------------------------------------------------------- report
 
-# Columns of the summary table: (key, header, format).
+# Measures with a baseline (the input's `<key>_input`): (key, name, format, higher is better).
+BASELINE_MEASURES = (
+    ("si_snr", "SI-SNR dB", "{:.2f}", True), ("mel_distance", "mel dist", "{:.3f}", False),
+    ("stoi", "STOI", "{:.3f}", True), ("pesq", "PESQ", "{:.2f}", True),
+    ("token_accuracy", "tok acc", "{:.3f}", True))
+
+# Columns of the summary table: (key, header, format); each baseline measure's output column is
+# followed by the input's.
 SUMMARY_COLUMNS = (
-    ("seconds", "audio s", "{:.2f}"), ("rtf", "RTF", "{:.3f}"), ("nll", "NLL", "{:.3f}"),
-    ("si_snr", "SI-SNR dB", "{:.2f}"), ("si_snr_input", "input SI-SNR", "{:.2f}"),
-    ("mel_distance", "mel dist", "{:.3f}"),
-    ("stoi", "STOI", "{:.3f}"), ("pesq", "PESQ", "{:.2f}"), ("wer", "WER", "{:.3f}"),
-    ("speaker_similarity", "spk sim", "{:.3f}"))
+    (("seconds", "audio s", "{:.2f}"), ("rtf", "RTF", "{:.3f}"), ("nll", "NLL", "{:.3f}"))
+    + tuple(col for key, name, fmt, _ in BASELINE_MEASURES
+            for col in ((key, name, fmt), (key + INPUT_SUFFIX, "input " + name, fmt)))
+    + (("wer", "WER", "{:.3f}"), ("speaker_similarity", "spk sim", "{:.3f}")))
+
+
+def _means(rows: Sequence[dict], key: str) -> list:
+  return [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def baseline_rows(rows: Sequence[dict], by: str = "task") -> list[dict]:
+  """Per group of successful rows and baseline measure with both sides: {group, measure, key, n,
+  input, output, delta (output - input), better (the output beats the input), format}.
+
+  `n` counts the examples with both values; the means are over those examples.
+  """
+  ok = [r for r in rows if r.get("status") == "ok"]
+  groups: dict[str, list[dict]] = {}
+  for r in ok:
+    groups.setdefault(str(r.get(by, "")), []).append(r)
+  out = []
+  for group, members in groups.items():
+    for key, name, fmt, higher in BASELINE_MEASURES:
+      both = [r for r in members if _means([r], key) and _means([r], key + INPUT_SUFFIX)]
+      if not both:
+        continue
+      inp, outp = float(np.mean(_means(both, key + INPUT_SUFFIX))), float(np.mean(_means(both, key)))
+      out.append({"group": group, "measure": name, "key": key, "n": len(both), "input": inp, "output": outp,
+                  "delta": outp - inp, "better": outp > inp if higher else outp < inp, "format": fmt})
+  return out
+
+
+def baseline_table(rows: Sequence[dict], by: str = "task", input_label: str = "input (baseline)",
+                   output_label: str = "output") -> str:
+  """`baseline_rows` as a text table ('' when no measure has a baseline)."""
+  entries = baseline_rows(rows, by)
+  if not entries:
+    return ""
+  lines = [[by, "measure", "n", input_label, output_label, "output - input", "output better"]]
+  for e in entries:
+    fmt = e["format"]
+    lines.append([e["group"], e["measure"], str(e["n"]), fmt.format(e["input"]), fmt.format(e["output"]),
+                  ("+" if e["delta"] >= 0 else "") + fmt.format(e["delta"]), "yes" if e["better"] else "no"])
+  widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
+  return "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
 
 
 class Report:
@@ -238,7 +310,7 @@ class Report:
            "examples_per_second": len(ok) / wall_seconds if wall_seconds > 0 else 0.0,
            "rtf": wall_seconds / seconds if seconds > 0 else None}
     for key, _, _ in SUMMARY_COLUMNS:
-      values = [r[key] for r in ok if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+      values = _means(ok, key)
       if values and key not in ("seconds", "rtf"):
         out[f"mean_{key}"] = float(np.mean(values))
     return out
@@ -261,6 +333,9 @@ class Report:
     failed = len(self.rows) - len(ok)
     widths = [max(len(l[i]) for l in lines) for i in range(len(header))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines)
+    baseline = baseline_table(self.rows, by)
+    if baseline:
+      text += "\n\nagainst the input (the baseline):\n" + baseline
     return text + (f"\nfailed: {failed}" if failed else "")
 
 

@@ -1,7 +1,8 @@
 """`report.html`: a self-contained page to listen to and look at a decode run.
 
 Beside `report.jsonl`: a summary table (per task: examples, means of the
-measures), then per example its `<audio>` players (input, prompt, output,
+measures), the outputs' measures next to the inputs' (the baseline, where the
+rows have `<measure>_input`), then per example its `<audio>` players (input, prompt, output,
 reference), their log-mel spectrograms and its measures. Audio and images
 are files in `<report>_files/` (relative links), spectrograms are PNGs
 written by the small encoder here (zlib, no plotting library). The page
@@ -161,6 +162,26 @@ def _rel(path: str, base: str) -> str:
   return os.path.relpath(os.path.abspath(path), base).replace(os.sep, "/")
 
 
+def _baseline_table(rows: Sequence[dict]) -> list:
+  """The measures of the outputs next to those of the inputs themselves (noisy input, mixture,
+  perturbed source) against the same references: the baseline a model must beat."""
+  from metis_jax.inference import evaluation  # pylint: disable=g-import-not-at-top
+  entries = evaluation.baseline_rows(rows)
+  if not entries:
+    return []
+  out = ["<h2>Against the input (baseline)</h2><table id='baseline'><tr><th class='l'>task</th>"
+         "<th class='l'>measure</th><th>n</th><th>input</th><th>output</th><th>output &minus; input</th>"
+         "<th class='l'>output better</th></tr>"]
+  for e in entries:
+    fmt = e["format"]
+    verdict = "<span class='ok'>yes</span>" if e["better"] else "<span class='err'>no</span>"
+    out.append(f"<tr><td class='l'>{html.escape(e['group'])}</td><td class='l'>{html.escape(e['measure'])}</td>"
+               f"<td>{e['n']}</td><td>{fmt.format(e['input'])}</td><td>{fmt.format(e['output'])}</td>"
+               f"<td>{'+' if e['delta'] >= 0 else ''}{fmt.format(e['delta'])}</td><td class='l'>{verdict}</td></tr>")
+  out.append("</table>")
+  return out
+
+
 def render(rows: Sequence[dict], summary: dict, columns: Sequence[tuple], base_dir: str,
            title: str = "metis_jax decode report") -> str:
   """The page for report rows (each may carry `media`: name -> {wav, png}); links are relative
@@ -188,6 +209,7 @@ def render(rows: Sequence[dict], summary: dict, columns: Sequence[tuple], base_d
       cells.append(f"<td>{fmt.format(float(np.mean(values))) if values else '-'}</td>")
     out.append(f"<tr><td class='l'>{html.escape(name)}</td><td>{len(members)}</td>{''.join(cells)}</tr>")
   out.append("</table>")
+  out.extend(_baseline_table(rows))
   failed = [r for r in rows if r.get("status") != "ok"]
   if failed:
     out.append(f"<p class='err'>failed: {len(failed)}</p>")

@@ -156,8 +156,11 @@ class Job:
   reference_wav16: Optional[np.ndarray] = None
   reference_semantic: Optional[np.ndarray] = None
   text: Optional[str] = None                        # what the output says (for WER)
-  # The example's input audio (se / tse / vc), 24 kHz, for the report's players.
+  # The example's input audio (se / tse / vc), 24 kHz, for the report's players and baseline measures;
+  # at 16 kHz when a reference is scored (its SSL tokens: the input's token accuracy).
   input_wav24: Optional[np.ndarray] = None
+  input_wav16: Optional[np.ndarray] = None
+  input_semantic: Optional[np.ndarray] = None
   # Chunks conditioned independently (windows of one input, all on the original prompt), joined by
   # crossfading at their `offset`s; otherwise each chunk continues the previous one.
   independent_chunks: bool = False
@@ -465,7 +468,9 @@ class ConditionTask(Task):
   Fields: `wav` (the input: noisy / mixture / source; also accepted under
   `noisy_wav`, `mixture_wav`, `source_wav`), `prompt_wav` (tse: enrollment,
   vc: target speaker), optional `reference_wav` (the clean / expected speech:
-  signal measures for se / tse, NLL for all) and `text` (WER hook).
+  signal measures for se / tse, NLL for all), `reference_aligned` (true / false:
+  whether the reference has the input's timing, so signal measures apply; default
+  se / tse true, vc false) and `text` (WER hook).
   """
   prompted = True
   needs_adapter = True
@@ -506,7 +511,11 @@ class ConditionTask(Task):
     if example.fields.get("reference_wav"):
       refs = load_audio(example.fields["reference_wav"], "reference_wav")
       job.reference_wav16 = refs[16000]
-      if self.aligned_reference:
+      job.input_wav16 = wav16
+      aligned = example.fields.get("reference_aligned", self.aligned_reference)
+      if not isinstance(aligned, bool):
+        raise ExampleError(f"'reference_aligned' must be true or false, got {aligned!r}")
+      if aligned:
         job.reference_wav24 = refs[24000]
     _no_phones(job, ctx)
     return job
