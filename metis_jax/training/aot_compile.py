@@ -4,31 +4,39 @@ r"""Ahead-of-time dry run: compile the real train step for a target topology on 
   python -m metis_jax.train_compile --config configs/tiny.py --topology cpu-8
   python -m metis_jax.train_compile --config configs/s2a_full.py --topology v5p-128
 
-Any `config.model.kind` compiles (stage 1 or S2A): the step is the trainer's.
+Stage-1 ('metis'), S2A ('s2a') and fine-tune ('metis_finetune') configs compile: the
+step is the trainer's. Every batch shape the run can have is compiled (each length bucket of
+`config.data`: `input_pipeline.configured_batch_specs`; `--largest_bucket_only` for just
+train.seq_length), each bucket's per-device memory is listed, and the largest decides.
+A fine-tune's frozen base and encoder are abstract: no weights are read.
 
 TPU topologies (`v4-N`, `v5p-N`, `v5e-N`, `v6e-N`, N = TensorCores as in
 Cloud TPU names; `--num_slices` for multi-slice) come from
 `jax.experimental.topologies` and need libtpu installed
 (`pip install "jax[tpu]"`); no TPU is needed. `cpu-N` compiles against N
 fake CPU devices. Prints the per-device memory of the compiled step
-(arguments, outputs, temporaries) and exits non-zero if it does not fit in
-the device's HBM, so an out-of-memory shows up before chips are booked.
+(arguments, outputs, temporaries) and exits non-zero if its largest bucket does
+not fit in the device's HBM, so an out-of-memory shows up before chips are booked.
 """
 
 import re
 import sys
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
+import flax.linen
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from metis_jax.training import input_pipeline
-from metis_jax.parallel import mesh as mesh_lib
+from metis_jax import cli_support
 from metis_jax.models import metis
+from metis_jax.parallel import mesh as mesh_lib
+from metis_jax.training import compile_ahead
+from metis_jax.training import input_pipeline
 from metis_jax.training import metrics as metrics_lib
 from metis_jax.training import state as train_state
 from metis_jax.training import step as train_step_lib
@@ -131,12 +139,33 @@ def target_devices(target: Target, num_slices: int = 1) -> list:
 
 @dataclasses.dataclass
 class CompileReport:
+  """What the dry run compiled and whether it fits.
+
+  Attributes:
+    target, mesh: the topology and the mesh, in words.
+    num_params: parameters of the model (all of them, frozen ones of a fine-tune too).
+    buckets: every batch shape compiled, with its per-device memory (`compile_ahead.BucketCompile`).
+    hbm_bytes: per-device memory available.
+    flops_per_step: model FLOPs per step per device at the largest length.
+    seconds: wall time of the compiles.
+  """
   target: str
   mesh: str
   num_params: int
-  memory: dict
+  buckets: list
   hbm_bytes: int
   flops_per_step: Optional[float]
+  seconds: float = 0.0
+
+  @property
+  def largest(self) -> compile_ahead.BucketCompile:
+    """The bucket needing the most per-device memory."""
+    return max(reversed(self.buckets), key=lambda b: b.memory.get("total", 0))
+
+  @property
+  def memory(self) -> dict:
+    """Per-device memory of the largest bucket's step."""
+    return self.largest.memory
 
   @property
   def fits(self) -> bool:
@@ -145,7 +174,10 @@ class CompileReport:
   def lines(self) -> list[str]:
     m = self.memory
     out = [f"target {self.target}: mesh {self.mesh}, {self.num_params / 1e6:.1f}M parameters",
-           "per-device memory of the train step:"]
+           f"compiled {len(self.buckets)} batch shape(s) in {self.seconds:.1f} s; per-device memory of each:"]
+    for b in self.buckets:
+      out.append(f"  {b.shape:<15} {metrics_lib.format_bytes(b.memory.get('total', 0)):>12}")
+    out.append(f"per-device memory of the train step at the largest, {self.largest.shape}:")
     for key in ("argument", "output", "alias", "temp", "generated_code", "total"):
       out.append(f"  {key:<15} {metrics_lib.format_bytes(m.get(key, 0)):>12}")
     out.append(f"  {'HBM':<15} {metrics_lib.format_bytes(self.hbm_bytes):>12}  "
@@ -157,33 +189,99 @@ class CompileReport:
     return out
 
 
-def compile_train_step(config: ml_collections.ConfigDict, devices: list):
-  """Lowers and compiles the train step for `devices`; returns (compiled, mesh, setup)."""
-  mesh = mesh_lib.create_mesh(config.mesh, devices)
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+  """The train step of a config, ready to lower: `jitted(state, batch, *rest)`.
+
+  Attributes:
+    jitted: the trainer's jitted step.
+    state: the state as ShapeDtypeStructs with shardings.
+    rest: further arguments, abstract (a fine-tune's frozen parameters and encoder).
+    specs: every global batch shape the run can have, shortest first.
+    num_params: parameters of the whole model.
+    setup: the run's static setup (`state.Setup`, or a fine-tune's).
+  """
+  jitted: Any
+  state: Any
+  rest: tuple
+  specs: list
+  num_params: int
+  setup: Any
+
+
+def _masked_program(config: ml_collections.ConfigDict, mesh) -> StepProgram:
+  """Stage 1 and S2A (`state.Setup`, `step.jit_train_step`)."""
   setup = train_state.make_setup(config)
   state = train_state.abstract_state(setup, mesh)
-  batch = input_pipeline.batch_spec(config)
-  step = train_step_lib.jit_train_step(setup, config, mesh,
-                                       train_state.state_shardings(setup, mesh), batch)
-  compiled = step.lower(state, batch).compile()
-  return compiled, mesh, setup, state
+  specs = input_pipeline.configured_batch_specs(config)
+  jitted = train_step_lib.jit_train_step(setup, config, mesh, train_state.state_shardings(setup, mesh), specs[-1])
+  return StepProgram(jitted, state, (), specs, metis.count_params(state.params), setup)
+
+
+def _finetune_program(config: ml_collections.ConfigDict, mesh) -> StepProgram:
+  """A fine-tune (`finetune_objective`): frozen base and w2v-BERT encoder as abstract arguments,
+  so no weights are read."""
+  from metis_jax.training import finetune_objective as fto  # pylint: disable=import-outside-toplevel
+  setup = fto.make_setup(config)
+  encoder = encoder_shardings = None
+  if setup.encoder is not None:
+    from metis_jax.models import w2v_bert  # pylint: disable=import-outside-toplevel
+    from metis_jax.training import codec_state  # pylint: disable=import-outside-toplevel
+    encoder_shardings = codec_state.encoder_shardings(setup.encoder, mesh, setup.rules)
+    enc = setup.encoder
+    shapes = jax.eval_shape(lambda: codec_state.FrozenEncoder(
+        flax.linen.unbox(w2v_bert.W2VBert(enc).init(jax.random.key(0), jnp.zeros((1, 8, enc.input_dim)))["params"]),
+        jnp.zeros((enc.hidden_size,)), jnp.ones((enc.hidden_size,))))
+    encoder = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                           encoder_shardings)
+  spec = fto.batch_spec(config)  # fine-tune batches have one length, train.seq_length
+  jitted = fto.jit_finetune_step(setup, config, mesh, spec, encoder_shardings)
+  return StepProgram(jitted, fto.abstract_state(setup, mesh), (fto.abstract_frozen(setup, mesh), encoder), [spec],
+                     metis.count_params(fto.param_shapes(setup)), setup)
+
+
+def step_program(config: ml_collections.ConfigDict, mesh) -> StepProgram:
+  """The train step of `config.model.kind`: 'metis', 's2a' or 'metis_finetune' (the codecs' GAN
+  steps are not compiled here)."""
+  kind = config.model.get("kind", "metis")
+  if kind in ("metis", "s2a"):
+    return _masked_program(config, mesh)
+  if kind == "metis_finetune":
+    return _finetune_program(config, mesh)
+  raise cli_support.UserError(f"config.model.kind={kind!r}: the dry run compiles the steps of 'metis', 's2a' "
+                              "and 'metis_finetune' configs; train the codecs with python -m metis_jax.train")
+
+
+def compile_buckets(config: ml_collections.ConfigDict, devices: list, largest_only: bool = False):
+  """Lowers and compiles the train step for every batch shape; returns (AheadCompiled, mesh, program)."""
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  program = step_program(config, mesh)
+  specs = program.specs[-1:] if largest_only else program.specs
+  ahead = compile_ahead.compile_ahead(program.jitted, program.state, specs, *program.rest)
+  return ahead, mesh, program
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: list):
+  """The train step compiled at its largest batch shape; returns (compiled, mesh, setup, state)."""
+  ahead, mesh, program = compile_buckets(config, devices, largest_only=True)
+  compiled, = ahead.executables.values()
+  return compiled, mesh, program.setup, program.state
 
 
 def dry_run(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
-            hbm_bytes: Optional[int] = None) -> CompileReport:
-  """Compiles for `topology` and reports the per-device memory."""
+            hbm_bytes: Optional[int] = None, largest_only: bool = False) -> CompileReport:
+  """Compiles every batch shape of `config` for `topology` and reports the per-device memory."""
   target = parse_topology(topology)
   devices = target_devices(target, num_slices)
-  compiled, mesh, _, state = compile_train_step(config, devices)
+  ahead, mesh, program = compile_buckets(config, devices, largest_only)
   # (XLA's cost_analysis counts a scanned layer once, not num_layers times.)
   tokens = config.train.global_batch_size * config.train.seq_length
   flops = (metrics_lib.training_flops_per_token(config.model, config.train.seq_length) * tokens
            / mesh.devices.size)
   return CompileReport(
       target=f"{topology}" + (f" x {num_slices} slices" if num_slices > 1 else ""),
-      mesh=mesh_lib.describe(mesh), num_params=metis.count_params(state.params),
-      memory=metrics_lib.memory_summary(compiled),
-      hbm_bytes=hbm_bytes or target.hbm_bytes, flops_per_step=flops)
+      mesh=mesh_lib.describe(mesh), num_params=program.num_params, buckets=ahead.buckets,
+      hbm_bytes=hbm_bytes or target.hbm_bytes, flops_per_step=flops, seconds=ahead.seconds)
 
 
 FLAGS = flags.FLAGS
@@ -195,6 +293,8 @@ def define_flags() -> None:
   flags.DEFINE_string("topology", "cpu-8", "v4-N, v5p-N, v5e-N, v6e-N or cpu-N.")
   flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice TPU over DCN).")
   flags.DEFINE_float("hbm_gib", 0.0, "Override the per-device memory limit (GiB).")
+  flags.DEFINE_bool("largest_bucket_only", False,
+                    "Compile only the largest batch shape (train.seq_length), not every length bucket.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -203,15 +303,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   hbm = int(FLAGS.hbm_gib * GiB) if FLAGS.hbm_gib > 0 else None
   try:
-    report = dry_run(FLAGS.config, FLAGS.topology, FLAGS.num_slices, hbm)
+    report = dry_run(FLAGS.config, FLAGS.topology, FLAGS.num_slices, hbm, FLAGS.largest_bucket_only)
   except RuntimeError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print("\n".join(report.lines()))
   if not report.fits:
     print(f"error: the train step needs {metrics_lib.format_bytes(report.memory['total'])} per "
-          f"device, more than the {metrics_lib.format_bytes(report.hbm_bytes)} available",
-          file=sys.stderr)
+          f"device at its largest batch {report.largest.shape}, more than the "
+          f"{metrics_lib.format_bytes(report.hbm_bytes)} available", file=sys.stderr)
     return 1
   return 0
 

@@ -17,7 +17,8 @@ Sources:
   * otherwise the Grain pipeline of `metis_jax.data.pipeline` (ArrayRecord
     shards of tokenized speech listed in `config.data.train_sources`). With
     length bucketing (the default) T varies between the bucket lengths and
-    the train step compiles once per bucket (`batch_specs` lists them all);
+    the train step compiles once per bucket, all before the first step
+    (`batch_specs` lists them; `training/compile_ahead.py`);
     packing (`data.packing`) is rejected by the train step (see
     `train_step.check_batch`).
 """
@@ -33,8 +34,8 @@ from metis_jax.data.batches import GlobalBatchIterator
 from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.training import objectives as train_objectives
 
-__all__ = ["GlobalBatchIterator", "SyntheticSource", "batch_spec", "batch_specs", "local_batch_size",
-           "make_train_iterator", "synthetic_acoustic", "synthetic_rows"]
+__all__ = ["GlobalBatchIterator", "SyntheticSource", "batch_spec", "batch_specs", "configured_batch_specs",
+           "local_batch_size", "make_train_iterator", "synthetic_acoustic", "synthetic_rows"]
 
 
 def local_batch_size(global_batch: int, mesh: Mesh, process_count: int) -> int:
@@ -161,6 +162,21 @@ def batch_specs(config: ml_collections.ConfigDict) -> list[dict[str, jax.ShapeDt
     return [batch_spec(config)]
   from metis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   lengths = pipeline.bucket_lengths(config, train_objectives.acoustic_layers(config))
+  return [train_objectives.batch_spec(config, length=t) for t in lengths]
+
+
+def configured_batch_specs(config: ml_collections.ConfigDict) -> list[dict[str, jax.ShapeDtypeStruct]]:
+  """Every global batch shape `config` allows, from the config alone (no data read), shortest first.
+
+  One spec for synthetic data or packing; otherwise one per length bucket of `config.data`
+  (`data.bucket_lengths`, default `default_buckets(train.seq_length)`): a superset of
+  `batch_specs`, whose schedule may never use some bucket (the AOT dry run compiles these).
+  """
+  if config.train.synthetic_data or config.data.packing:
+    return [batch_spec(config)]
+  from metis_jax.data import bucketing  # pylint: disable=import-outside-toplevel
+  length = int(config.train.seq_length)
+  lengths = bucketing.check_buckets(config.data.bucket_lengths or bucketing.default_buckets(length), length)
   return [train_objectives.batch_spec(config, length=t) for t in lengths]
 
 

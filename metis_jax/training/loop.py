@@ -14,8 +14,10 @@ r"""The training loop, one for every kind of run: stage-1 Metis, S2A, and the tw
 (`python -m metis_jax.codec_train` is the same command.) `config.model.kind`
 picks the objective (`OBJECTIVES`; see `training/objective.py`): its state,
 steps, batches, progress line and export. Everything else is here, once:
-the mesh, restore or fresh sharded state, the profile window, SIGTERM,
-metrics, checkpoints, the final save and the export.
+the mesh, restore or fresh sharded state, the step compiled for every batch
+shape (length bucket) before the first step (`compile_ahead`: no step
+compiles; the time and each bucket's per-device memory are logged), the
+profile window, SIGTERM, metrics, checkpoints, the final save and the export.
 
 Every `config` field can be overridden as `--config.a.b=value`; unknown keys
 are errors. The run resumes from the newest checkpoint in `<workdir>` if
@@ -121,15 +123,31 @@ _STEPS_CACHE: dict = {}
 
 
 def _compiled_steps(objective: objective_lib.Objective, config: ml_collections.ConfigDict,
-                    mesh) -> objective_lib.Steps:
-  """`objective.compile`, memoized per (config, mesh): a process that trains the same config again
-  (a resumed run in a test or a notebook) does not compile again. One run's steps at a time."""
+                    mesh, state: Any) -> objective_lib.Steps:
+  """`objective.compile`, then every batch shape compiled ahead (`_compile_ahead`).
+
+  Memoized per (config, mesh): a process that trains the same config again (a resumed run
+  in a test or a notebook) does not compile again. One run's steps at a time.
+  """
   key = (config.to_json_best_effort(sort_keys=True), tuple(d.id for d in mesh.devices.flat),
          tuple(mesh.shape.items()))
   if key not in _STEPS_CACHE:
     _STEPS_CACHE.clear()
-    _STEPS_CACHE[key] = objective.compile(config, mesh)
+    _STEPS_CACHE[key] = _compile_ahead(objective, objective.compile(config, mesh), config, state)
   return _STEPS_CACHE[key]
+
+
+def _compile_ahead(objective: objective_lib.Objective, steps: objective_lib.Steps,
+                   config: ml_collections.ConfigDict, state: Any) -> objective_lib.Steps:
+  """`steps` with the step compiled for every batch shape of the run (its length buckets) before
+  the first step, so that no step compiles; logs the time and each bucket's per-device memory.
+  Steps without `compile_ahead` (the codecs) are returned as they are."""
+  if not hasattr(steps, "compile_ahead"):
+    return steps
+  specs = objective.batch_specs(config) if hasattr(objective, "batch_specs") else [objective.batch_spec()]
+  steps, ahead = steps.compile_ahead(state, specs)
+  logging.info("%s", ahead.summary())
+  return steps
 
 
 def _write_lineage(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -170,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, return_state: bool = 
   else:
     state = objective.create_state(mesh, config.seed)
   step = start_step = int(jax.device_get(state.step))
-  steps = _compiled_steps(objective, config, mesh)
+  steps = _compiled_steps(objective, config, mesh, state)
   logging.info("mesh %s; %s", mesh_lib.describe(mesh), objective.describe(state, config))
 
   logger = run_logger.RunLogger(workdir, config, objective.progress(config), mesh.devices.size,

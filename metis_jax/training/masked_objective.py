@@ -17,6 +17,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from metis_jax.models import metis
+from metis_jax.training import compile_ahead as compile_ahead_lib
 from metis_jax.training import input_pipeline
 from metis_jax.training import metrics as metrics_lib
 from metis_jax.training import objective as objective_lib
@@ -62,6 +63,11 @@ class _Steps:
   def __call__(self, state: train_state.TrainState, batch):
     return self.step_fn(state, batch)
 
+  def compile_ahead(self, state: train_state.TrainState, specs) -> tuple["_Steps", compile_ahead_lib.AheadCompiled]:
+    """These steps with the step compiled for every batch spec (`compile_ahead.compile_ahead`)."""
+    ahead = compile_ahead_lib.compile_ahead(self.step_fn, state, specs)
+    return _Steps(ahead), ahead
+
 
 @dataclasses.dataclass(frozen=True)
 class MaskedObjective:
@@ -91,6 +97,9 @@ class MaskedObjective:
 
   def batch_spec(self):
     return input_pipeline.batch_spec(self.config)
+
+  def batch_specs(self, config: ml_collections.ConfigDict):
+    return input_pipeline.batch_specs(config)
 
   def data_iterator(self, config: ml_collections.ConfigDict, mesh: Mesh, process_index: Optional[int] = None,
                     process_count: Optional[int] = None) -> input_pipeline.GlobalBatchIterator:

@@ -71,6 +71,10 @@ class Steps(Protocol):
   def __call__(self, state: Any, batch: Batch) -> tuple[Any, dict[str, jax.Array]]:
     """One training step -> (state with `step + 1`, float32 scalar metrics on device)."""
 
+  # Optional: `compile_ahead(state, specs) -> (Steps, compile_ahead.AheadCompiled)`, the same
+  # steps with the step compiled for every batch spec; the loop calls it before the first step
+  # so that no step compiles. Steps without it compile at their first call.
+
 
 class Objective(Protocol):
   """What one kind of run trains; see the module docstring."""
@@ -91,6 +95,10 @@ class Objective(Protocol):
 
   def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of one global batch."""
+
+  # Optional: `batch_specs(config) -> list of batch_spec`, every global batch shape the run's
+  # data can produce (length buckets); the loop compiles the step for each ahead. Without it,
+  # `[batch_spec()]`.
 
   def data_iterator(self, config: ml_collections.ConfigDict, mesh: Mesh, process_index: Optional[int] = None,
                     process_count: Optional[int] = None) -> Any:

@@ -79,15 +79,37 @@ def weight_decay_mask(params: Any) -> Any:
       lambda path, x: decays(_path_names(path), jnp.ndim(x)), unboxed)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """`optax.clip_by_global_norm` that can reuse the norm the step already computed.
+
+  `update(updates, state, params, grad_norm=norm)` clips with `norm` (the caller's
+  `optax.tree.norm(updates)`, as `update.guarded_update` computes for its metrics and its
+  finiteness check) instead of computing it a second time; without `grad_norm` it computes
+  it. Same state (`EmptyState`, so checkpoints keep their layout) and the same arithmetic
+  as optax's: updates are kept when norm < max_norm, else scaled by max_norm / norm.
+  """
+
+  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    keep = jnp.squeeze(norm < max_norm)
+    clip = lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   """clip_by_global_norm -> AdamW (decoupled decay on the mask above), scheduled.
+
+  The update takes the global gradient norm as `grad_norm=` (see `clip_by_global_norm`).
 
   Args:
     cfg: `config.train`.
   """
   parts = []
   if cfg.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+    parts.append(clip_by_global_norm(cfg.grad_clip_norm))
   parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                            mask=weight_decay_mask))

@@ -32,7 +32,9 @@ def guarded_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any,
   if poison is not None:
     grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
   grad_norm = optax.tree.norm(grads)
-  updates, new_opt_state = tx.update(grads, opt_state, params)
+  # The clip of `optimizer.make_optimizer` reuses this norm rather than computing it again.
+  extra = {"grad_norm": grad_norm} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
+  updates, new_opt_state = tx.update(grads, opt_state, params, **extra)
   new_params = optax.apply_updates(params, updates)
   if not skip_nonfinite:
     return new_params, new_opt_state, grad_norm, jnp.zeros((), bool)

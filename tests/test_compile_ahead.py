@@ -1,0 +1,179 @@
+"""Every bucket's train step compiled before the first step; the dry run compiles every bucket;
+the gradient clip reuses the step's global norm."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from metis_jax.data import synthetic
+from metis_jax.training import aot_compile
+from metis_jax.training import compile_ahead
+from metis_jax.training import input_pipeline
+from metis_jax.training import loop
+from metis_jax.training import optimizer as optimizer_lib
+from metis_jax.training import state as train_state
+from metis_jax.training import step as step_lib
+from metis_jax.training import update as update_lib
+from metis_jax.parallel import mesh as mesh_lib
+from tests import train_testlib as lib
+
+
+def _toy_step():
+  traces = []
+
+  def step(state, batch):
+    traces.append(batch["x"].shape)
+    return state + batch["x"].sum(), {"mean": batch["x"].mean()}
+
+  return jax.jit(step), traces
+
+
+def _spec(rows, length):
+  return {"x": jax.ShapeDtypeStruct((rows, length), jnp.float32)}
+
+
+def test_every_spec_compiles_ahead_and_steps_never_trace():
+  jitted, traces = _toy_step()
+  ahead = compile_ahead.compile_ahead(jitted, jnp.zeros(()), [_spec(2, 4), _spec(2, 8), _spec(2, 4)])
+  assert sorted(traces) == [(2, 4), (2, 8)]  # the duplicate spec is compiled once
+  assert [b.shape for b in ahead.buckets] == ["[2, 4]", "[2, 8]"]
+  state = jnp.zeros(())
+  for length in (8, 4, 8):
+    x = np.arange(2 * length, dtype=np.float32).reshape(2, length)
+    state, metrics = ahead(state, {"x": x})
+    assert float(metrics["mean"]) == x.mean()
+  assert float(state) == 2 * np.arange(16).sum() + np.arange(8).sum()
+  assert len(traces) == 2 and ahead.late_compiles == 0 and jitted._cache_size() == 0
+
+
+def test_a_shape_not_compiled_ahead_is_compiled_once_with_a_warning():
+  jitted, traces = _toy_step()
+  ahead = compile_ahead.compile_ahead(jitted, jnp.zeros(()), [_spec(2, 4)])
+  for _ in range(2):
+    state, _ = ahead(jnp.zeros(()), {"x": np.ones((2, 3), np.float32)})
+  assert float(state) == 6.0 and ahead.late_compiles == 1 and len(traces) == 2
+
+
+def test_configured_batch_specs_list_every_bucket_without_reading_data():
+  config = lib.tiny_config("train.synthetic_data=False", "data.train_sources=('/nonexistent',)",
+                           "data.bucket_lengths=(4, 12, 16)")
+  assert [s["tokens"].shape for s in input_pipeline.configured_batch_specs(config)] == [(8, 4), (8, 12), (8, 16)]
+  default = lib.tiny_config("train.synthetic_data=False", "data.bucket_lengths=()")
+  assert [s["valid"].shape[1] for s in input_pipeline.configured_batch_specs(default)] == [4, 8, 12, 16]
+  assert [s["tokens"].shape for s in input_pipeline.configured_batch_specs(lib.tiny_config())] == [(8, 16)]
+
+
+def _clip_reference(max_norm, grads):
+  """optax's own clip (computes the norm itself)."""
+  return optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_with_the_given_norm_equals_optax_clip(max_norm):
+  rng = np.random.default_rng(0)
+  grads = {"a": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32), "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
+  clip = optimizer_lib.clip_by_global_norm(max_norm)
+  state = clip.init(grads)
+  assert state == optax.EmptyState()
+  given, _ = clip.update(grads, state, None, grad_norm=optax.tree.norm(grads))
+  computed, _ = clip.update(grads, state)
+  for ours in (given, computed):
+    jax.tree.map(np.testing.assert_array_equal, ours, _clip_reference(max_norm, grads))
+  norm = float(np.sqrt(sum(float((np.asarray(g) ** 2).sum()) for g in grads.values())))
+  assert abs(float(optax.tree.norm(given)) - min(norm, max_norm)) < 1e-5 * norm
+
+
+def test_the_guarded_update_feeds_its_norm_to_the_clip():
+  cfg = lib.tiny_config("train.grad_clip_norm=0.1", "train.weight_decay=0.1").train
+  tx = optimizer_lib.make_optimizer(cfg)
+  params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros((4,))}}
+  grads = {"dense": {"kernel": jnp.full((4, 4), 2.0), "bias": jnp.full((4,), -1.0)}}
+  new, _, norm, skipped = update_lib.guarded_update(tx, grads, tx.init(params), params, jnp.float32(1.0), True)
+  assert abs(float(norm) - np.sqrt(16 * 4 + 4)) < 1e-5 and not bool(skipped)
+  # optax's clip (which computes the norm itself) -> the same AdamW: the same parameters.
+  reference = optax.chain(optax.clip_by_global_norm(0.1), optax.adamw(
+      optimizer_lib.learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+      weight_decay=cfg.weight_decay, mask=optimizer_lib.weight_decay_mask))
+  updates, _ = reference.update(grads, reference.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9), new,
+               optax.apply_updates(params, updates))
+  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(reference.init(params))  # checkpoint layout
+
+
+@pytest.fixture(scope="module")
+def token_shards(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("tokens"))
+  synthetic.write_token_shards(out, 60, 2, min_tokens=4, max_tokens=40, vocab_size=64, seed=3)
+  return out
+
+
+BUCKETED = ("train.synthetic_data=False", "data.num_workers=0", "data.min_length=4", "data.bucket_lengths=(8, 16)",
+            "checkpoint.enabled=False", "train.steps=6", "model.num_layers=1")
+
+
+@pytest.mark.slow
+def test_training_with_two_buckets_compiles_both_before_the_first_step(tmp_path, token_shards):
+  config = lib.tiny_config(*BUCKETED, f"data.train_sources=('{token_shards}',)")
+  devices = jax.devices()[:1]
+  result = loop.train(config, str(tmp_path / "run"), devices=devices)
+  steps, = loop._STEPS_CACHE.values()
+  ahead = steps.step_fn
+  assert [b.shape for b in ahead.buckets] == ["[8, 8]", "[8, 16]"] and all(b.memory["total"] > 0 for b in ahead.buckets)
+  # No step compiled: no late compile, and the jitted function itself never ran.
+  assert ahead.late_compiles == 0 and ahead.jitted._cache_size() == 0
+  # The same losses as the plain jitted step on the same batches (both lengths occur).
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  objective = loop.make_objective(config)
+  setup = train_state.make_setup(config)
+  state = objective.create_state(mesh, config.seed)
+  jitted = step_lib.jit_train_step(setup, config, mesh, objective.state_shardings(mesh), objective.batch_spec())
+  data, lengths, losses = objective.data_iterator(config, mesh), set(), []
+  for _ in range(config.train.steps):
+    batch = next(data)
+    lengths.add(batch["tokens"].shape[1])
+    state, metrics = jitted(state, batch)
+    losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  data.close()
+  assert lengths == {8, 16}
+  np.testing.assert_allclose([(h["loss"], h["grad_norm"]) for h in result.history], losses, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_dry_run_compiles_every_bucket_and_fails_when_the_largest_does_not_fit(tmp_path):
+  overrides = lib.cli_overrides("train.synthetic_data=False", "data.bucket_lengths=(8, 16)", "model.num_layers=1")
+  fits = _compile_cli(str(tmp_path), "--topology", "cpu-8", *overrides)
+  assert fits.returncode == 0, fits.stderr[-3000:]
+  assert "compiled 2 batch shape(s)" in fits.stdout
+  assert "  [8, 8] " in fits.stdout and "  [8, 16] " in fits.stdout
+  assert "at the largest, [8, 16]:" in fits.stdout and "-> fits" in fits.stdout
+  too_big = _compile_cli(str(tmp_path), "--topology", "cpu-8", "--hbm_gib", str(1 / 1024 / 16), *overrides)
+  assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout
+  assert "at its largest batch [8, 16], more than the 64.0 KiB" in too_big.stderr
+
+
+def _compile_cli(cache_dir, *args):
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  command = [sys.executable, "-m", "metis_jax.train_compile", "--config",
+             os.path.join(lib.REPO_ROOT, "configs", "tiny.py")] + list(args)
+  env = lib.subprocess_env(devices=1, cache_dir=cache_dir)
+  env.pop("XLA_FLAGS")  # the CLI sets the fake device count itself (--topology cpu-8)
+  return subprocess.run(command, cwd=lib.REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_name, overrides", [
+    ("s2a.py:tiny", ("data.bucket_lengths=(16,)",)),
+    ("finetune_tiny.py:tts", ("data.bucket_lengths=(16,)",)),
+])
+def test_dry_run_takes_s2a_and_finetune_configs(config_name, overrides):
+  from metis_jax import config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config(os.path.join(lib.REPO_ROOT, "configs", config_name), list(overrides) + [
+      "train.global_batch_size=8", "train.seq_length=16", "model.num_layers=1", "mesh.fsdp=-1"])
+  report = aot_compile.dry_run(config, "cpu-8")
+  # (Several buckets: the stage-1 test above; fine-tune batches have one length.)
+  assert len(report.buckets) == 1 and report.fits and report.memory["total"] > 0
+  assert report.largest.shape == "[8, 16]"
