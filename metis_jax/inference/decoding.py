@@ -6,8 +6,8 @@ then re-masks exactly n_i = floor(T_i * gamma(t_next)) of the least confident
 among them (by a stable sort: exact counts, no ties), so decided tokens are
 never revisited. `masked_decode` is model-agnostic: it takes a function that
 maps the current tokens and mask to logits. `MetisDecoder` builds that
-function for the stage-1 model, with classifier-free guidance computed in the
-same forward pass and normalized per sample.
+function for the stage-1 model, with classifier-free guidance (a second,
+target-only forward) normalized per sample.
 """
 
 import dataclasses
@@ -226,8 +226,10 @@ class MetisDecoder:
   Layout of one forward pass: `[phones | prompt | target]` slots, each padded
   to the batch maximum; RoPE positions count valid slots only, so a sample's
   output does not depend on its batch mates. With CFG the unconditional branch
-  (target only: no prompt, no phones; adapter features kept) rides in the
-  same pass as a second half of the batch.
+  is a second forward over the target slots alone (`[batch, target_len]`: no
+  prompt, no phones; the target's adapter output kept), as in the original.
+  The phone prefix and the adapter output do not change from step to step:
+  they are computed once, before the decoding loop.
 
   Usage:
     decoder = MetisDecoder(model, DecodeOptions(...))
@@ -282,44 +284,64 @@ class MetisDecoder:
 
   def _decode(self, params, rng, prompt_tokens, prompt_lengths, target_lengths, *, target_len,
               phones, phone_lengths, prompt_features, target_features):
-    options = self.options
+    options, model = self.options, self.model
     batch, prompt_len = prompt_tokens.shape
     prompt_valid = lengths_to_valid(prompt_lengths, prompt_len)
     target_valid = lengths_to_valid(target_lengths, target_len)
-    use_cfg = options.cfg != 0
-    copies = 2 if use_cfg else 1
-
-    def both(cond, uncond):
-      return jnp.concatenate([cond, uncond], axis=0) if use_cfg else cond
-
     valid = jnp.concatenate([prompt_valid, target_valid], axis=1)
-    valid = both(valid, jnp.concatenate([jnp.zeros_like(prompt_valid), target_valid], axis=1))
-    extra = {}
-    if phones is not None:
-      phone_valid = lengths_to_valid(phone_lengths, phones.shape[1])
-      extra["phones"] = jnp.tile(phones, (copies, 1))
-      extra["phone_valid"] = both(phone_valid, jnp.zeros_like(phone_valid))
-    if target_features is None and self.model.config.cond_feature_dim:
-      # No condition (Omni's TTS): zero frames through an adapter whose output layer is zeroed.
-      target_features = jnp.zeros((batch, target_len, self.model.config.cond_feature_dim), jnp.float32)
-      params = without_adapter(params)
-    if target_features is not None:
-      if prompt_features is None:
-        prompt_features = jnp.zeros((batch, prompt_len, target_features.shape[-1]), target_features.dtype)
-      extra["features"] = jnp.tile(jnp.concatenate([prompt_features, target_features], axis=1),
-                                   (copies, 1, 1))
+    apply = lambda method, *args, **kwargs: model.apply({"params": params}, *args, method=method,
+                                                        **kwargs)
+    cond, uncond = self._conditions(apply, batch, prompt_len, target_len, phones, phone_lengths,
+                                    prompt_features, target_features)
+    prompt_tokens = prompt_tokens.astype(jnp.int32)
+    not_masked = jnp.zeros_like(prompt_valid)
 
     def logits_fn(tokens, is_masked, t):
-      seq = jnp.tile(jnp.concatenate([prompt_tokens.astype(jnp.int32), tokens], axis=1), (copies, 1))
-      seq_masked = jnp.tile(jnp.concatenate([jnp.zeros_like(prompt_valid), is_masked], axis=1),
-                            (copies, 1))
-      hidden = self.model.apply({"params": params}, seq, seq_masked, valid,
-                                jnp.full((batch * copies,), t, jnp.float32), **extra,
-                                method=metis.MetisModel.hidden_states)
+      t = jnp.full((batch,), t, jnp.float32)
+      seq = jnp.concatenate([prompt_tokens, tokens], axis=1)
+      seq_masked = jnp.concatenate([not_masked, is_masked], axis=1)
+      hidden = apply(metis.MetisModel.hidden_states, seq, seq_masked, valid, t, **cond)
       hidden = hidden[:, prompt_len:]
-      if use_cfg:
-        hidden = guide(hidden[:batch], hidden[batch:], target_valid, options.cfg, options.rescale_cfg)
-      return self.model.apply({"params": params}, hidden.astype(self.model.config.backbone.compute_dtype),
-                              method=metis.MetisModel.logits)
+      if options.cfg != 0:
+        # The unconditional pass: the target slots alone (`[batch, target_len]`).
+        h_uncond = apply(metis.MetisModel.hidden_states, tokens, is_masked, target_valid, t, **uncond)
+        hidden = guide(hidden, h_uncond, target_valid, options.cfg, options.rescale_cfg)
+      return apply(metis.MetisModel.logits, hidden.astype(model.config.backbone.compute_dtype))
 
     return masked_decode(logits_fn, rng, target_valid, options)
+
+  def _conditions(self, apply, batch, prompt_len, target_len, phones, phone_lengths,
+                  prompt_features, target_features) -> tuple[dict, dict]:
+    """The step-invariant inputs of both passes, computed once before the decoding loop.
+
+    Returns:
+      (conditional, unconditional) keyword arguments of `MetisModel.hidden_states`:
+      the phone prefix `[batch, phones, embed]` with its mask (unconditional: an
+      empty prefix), the adapter output over `[prompt | target]` (unconditional:
+      its target slots).
+    """
+    config = self.model.config
+    cond, uncond = {}, {}
+    if phones is not None and not config.use_phone_cond:
+      cond["phones"] = phones  # refused by the model (no phone condition)
+    elif phones is not None:
+      cond["phone_prefix"] = apply(metis.MetisModel.phone_prefix, phones)
+      cond["phone_valid"] = lengths_to_valid(phone_lengths, phones.shape[1])
+    if config.use_phone_cond:
+      uncond["phone_prefix"] = jnp.zeros((batch, 0, config.hidden_size), config.backbone.compute_dtype)
+      uncond["phone_valid"] = jnp.zeros((batch, 0), bool)
+    if config.cond_feature_dim:
+      if target_features is None:
+        # No condition (Omni's TTS): the adapter adds exactly 0.
+        added = jnp.zeros((batch, prompt_len + target_len, config.hidden_size),
+                          config.backbone.compute_dtype)
+      else:
+        if prompt_features is None:
+          prompt_features = jnp.zeros((batch, prompt_len, target_features.shape[-1]),
+                                      target_features.dtype)
+        added = apply(metis.MetisModel.adapter_output,
+                      jnp.concatenate([prompt_features, target_features], axis=1))
+      cond["adapter_out"], uncond["adapter_out"] = added, added[:, prompt_len:]
+    elif target_features is not None:
+      cond["features"] = target_features  # refused by the model (no adapter)
+    return cond, uncond

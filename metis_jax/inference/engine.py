@@ -17,6 +17,9 @@ process passes its own items and gets their outputs back; every stage call
 is collective (all processes call it, even with no items of their own) and
 the processes agree on the batches' shapes first.
 
+Stage 1 and rendering keep two batches in flight: batch n + 1 is padded and
+dispatched before batch n's outputs are read back (`_in_flight`).
+
 Randomness comes from one key per item (derived from the example, not from
 its batch), so an example's output does not depend on which examples share
 its batch, on their order, or on how many devices or processes run it.
@@ -202,8 +205,42 @@ class SpeechEngine:
 
   def _call(self, fn, params, *local_arrays):
     """fn on the global batch made of every process's rows -> this process's output rows."""
-    out = fn(params, *(self.layout.put(a) for a in local_arrays))
+    return self._fetch(self._dispatch(fn, params, *local_arrays))
+
+  def _dispatch(self, fn, params, *local_arrays):
+    """Starts fn on the global batch of every process's rows; returns its device outputs
+    without waiting for them (JAX dispatches asynchronously)."""
+    return fn(params, *(self.layout.put(a) for a in local_arrays))
+
+  def _fetch(self, out):
+    """Device outputs of `_dispatch` -> this process's output rows (numpy; waits for them)."""
     return jax.tree.map(self.layout.get, out)
+
+  def _in_flight(self, batches: Sequence[PlannedBatch], dispatch: Callable, collect: Callable) -> None:
+    """Runs `dispatch(batch)` -> device outputs for each batch, two batches in flight: batch
+    n + 1 is prepared and dispatched before batch n's outputs are fetched, so the host's
+    padding, transfers and read-back overlap the device's work.
+
+    `collect(batch, host_outputs, seconds)` gets each batch's outputs in order; `seconds` is
+    the wall time since the previous batch was collected (the first: since the start), so
+    the batches' seconds add up to the whole run.
+    """
+    pending = None
+    last = time.perf_counter()
+    for batch in batches:
+      out = self._dispatch(*dispatch(batch))
+      if pending is not None:
+        last = self._collect(pending, collect, last)
+      pending = (batch, out)
+    if pending is not None:
+      self._collect(pending, collect, last)
+
+  def _collect(self, pending, collect: Callable, last: float) -> float:
+    batch, out = pending
+    host = self._fetch(out)
+    now = time.perf_counter()
+    collect(batch, host, now - last)
+    return now
 
   def _jitted(self, name: str, fn: Callable, shardings, num_batch_args: int):
     if name not in self._fns:
@@ -323,16 +360,20 @@ class SpeechEngine:
     out: list = [None] * len(items)
     dims = [(len(it.prompt), it.target_len, len(it.phones) if phones else 0) for it in items]
     quanta = (o.token_quantum, o.token_quantum, o.phone_quantum)
-    for batch in self._plan(dims, quanta):
-      t0 = time.perf_counter()
+
+    def dispatch(batch):
       rows = [items[i] for i in batch.indices]
       args = stage1_arrays(rows, batch.shape, self.local_rows, phones,
                            self.feature_dim if features else 0, self._keys([r.key for r in rows]))
-      tokens = self._call(self._stage1_fn(batch.shape[1], phones, features), self._stage1_params, *args)
+      return (self._stage1_fn(batch.shape[1], phones, features), self._stage1_params, *args)
+
+    def collect(batch, tokens, seconds):
       for k, i in enumerate(batch.indices):
         out[i] = tokens[k, :items[i].target_len].astype(np.int32)
       if progress:
-        progress("stage1", batch.indices, time.perf_counter() - t0, batch.total)
+        progress("stage1", batch.indices, seconds, batch.total)
+
+    self._in_flight(self._plan(dims, quanta), dispatch, collect)
     return out
 
   # ---------------------------------------------------------------- stage 2
@@ -352,22 +393,26 @@ class SpeechEngine:
     out: list = [None] * len(items)
     dims = [(len(it.prompt_semantic), len(it.target_semantic)) for it in items]
     q = self.codec_quantizers
-    for batch in self._plan(dims, (o.token_quantum, o.token_quantum)):
-      t0 = time.perf_counter()
+
+    def dispatch(batch):
       rows = [items[i] for i in batch.indices]
       p, t = batch.shape
-      wav, samples, codes = self._call(
-          self._render_fn(), self._render_params, self._keys([r.key for r in rows]),
-          self._stack([r.prompt_semantic for r in rows], p, np.int32),
-          self._lengths([len(r.prompt_semantic) for r in rows], p),
-          self._stack([_columns(r.prompt_acoustic, q) for r in rows], p, np.int32, (q,)),
-          self._stack([r.target_semantic for r in rows], t, np.int32),
-          self._lengths([len(r.target_semantic) for r in rows], t))
+      return (self._render_fn(), self._render_params, self._keys([r.key for r in rows]),
+              self._stack([r.prompt_semantic for r in rows], p, np.int32),
+              self._lengths([len(r.prompt_semantic) for r in rows], p),
+              self._stack([_columns(r.prompt_acoustic, q) for r in rows], p, np.int32, (q,)),
+              self._stack([r.target_semantic for r in rows], t, np.int32),
+              self._lengths([len(r.target_semantic) for r in rows], t))
+
+    def collect(batch, outputs, seconds):
+      wav, samples, codes = outputs
       for k, i in enumerate(batch.indices):
         n = len(items[i].target_semantic)
         out[i] = (wav[k, :samples[k]].astype(np.float32), codes[k, :n].astype(np.int32))
       if progress:
-        progress("render", batch.indices, time.perf_counter() - t0, batch.total)
+        progress("render", batch.indices, seconds, batch.total)
+
+    self._in_flight(self._plan(dims, (o.token_quantum, o.token_quantum)), dispatch, collect)
     return out
 
   # ---------------------------------------------------------------- evaluation

@@ -3,8 +3,9 @@
 Layer l runs `decoding.masked_decode` for its own static number of steps; its
 input is the sum of the decoded lower layers, the current layer (mask or
 token) and the mask embedding once per higher layer, after an acoustic prompt
-whose every layer is embedded. With CFG the unconditional branch (no prompt;
-the SSL condition kept) rides in the same forward pass.
+whose every layer is embedded. With CFG the unconditional branch is a second
+forward over the target frames alone (no prompt; the SSL condition kept). A
+layer's SSL condition is computed once, before its decoding loop.
 """
 
 import dataclasses
@@ -93,8 +94,8 @@ class S2ADecoder:
     prompt_valid = decoding.lengths_to_valid(prompt_lengths, prompt_len)
     target_valid = decoding.lengths_to_valid(target_lengths, target_len)
     use_cfg = options.cfg != 0
-    copies = 2 if use_cfg else 1
-    apply = lambda method, *args: model.apply({"params": params}, *args, method=method)
+    apply = lambda method, *args, **kwargs: model.apply({"params": params}, *args, method=method,
+                                                        **kwargs)
 
     def embed(tokens, layer):
       return apply(s2a.S2AModel.embed_layer, tokens, layer)
@@ -102,12 +103,8 @@ class S2ADecoder:
     prompt_x = sum(embed(prompt_acoustic[..., q].astype(jnp.int32), q) for q in range(num_q))
     prompt_x = jnp.where(prompt_valid[..., None], prompt_x, 0)
     mask_vec = apply(s2a.S2AModel.mask_vector)
-    cond_tokens = jnp.tile(jnp.concatenate([prompt_semantic, target_semantic], 1).astype(jnp.int32),
-                           (copies, 1))
+    cond_tokens = jnp.concatenate([prompt_semantic, target_semantic], 1).astype(jnp.int32)
     valid = jnp.concatenate([prompt_valid, target_valid], axis=1)
-    if use_cfg:
-      valid = jnp.concatenate(
-          [valid, jnp.concatenate([jnp.zeros_like(prompt_valid), target_valid], 1)], 0)
 
     codes = jnp.zeros((batch, target_len, num_q), jnp.int32)
     cumulative = jnp.zeros((batch, target_len, cfg.hidden_size), prompt_x.dtype)
@@ -126,15 +123,21 @@ class S2ADecoder:
       codes, cumulative = carry
       higher = mask_vec * (num_q - 1 - layer).astype(mask_vec.dtype)
 
+      # The SSL condition of this layer, the same at every step: computed once.
+      condition = apply(s2a.S2AModel.condition, cond_tokens, layer)
+
       def logits_fn(tokens, is_masked, t):
+        t = jnp.full((batch,), t, jnp.float32)
         current = jnp.where(is_masked[..., None], mask_vec, embed(tokens, layer))
-        x = jnp.concatenate([prompt_x, cumulative + current + higher], axis=1)
-        x = jnp.tile(x, (copies, 1, 1))
-        hidden = apply(s2a.S2AModel.hidden_states, x, cond_tokens, layer, valid,
-                       jnp.full((batch * copies,), t, jnp.float32))[:, prompt_len:]
+        target_x = cumulative + current + higher
+        x = jnp.concatenate([prompt_x, target_x], axis=1)
+        hidden = apply(s2a.S2AModel.hidden_states, x, None, layer, valid, t,
+                       condition=condition)[:, prompt_len:]
         if use_cfg:
-          hidden = decoding.guide(hidden[:batch], hidden[batch:], target_valid, options.cfg,
-                                  options.rescale_cfg)
+          # The unconditional pass: the target frames alone (no prompt; SSL condition kept).
+          h_uncond = apply(s2a.S2AModel.hidden_states, target_x, None, layer, target_valid, t,
+                           condition=condition[:, prompt_len:])
+          hidden = decoding.guide(hidden, h_uncond, target_valid, options.cfg, options.rescale_cfg)
         return apply(s2a.S2AModel.logits, hidden, layer)
 
       keys = jax.vmap(lambda k: jax.random.fold_in(k, layer))(base_keys)

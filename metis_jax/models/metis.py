@@ -117,7 +117,10 @@ class MetisModel(nn.Module):
                     phone_valid: Optional[jax.Array] = None,
                     features: Optional[jax.Array] = None,
                     positions: Optional[jax.Array] = None,
-                    segment_ids: Optional[jax.Array] = None) -> jax.Array:
+                    segment_ids: Optional[jax.Array] = None,
+                    condition_rows: Optional[jax.Array] = None,
+                    phone_prefix: Optional[jax.Array] = None,
+                    adapter_out: Optional[jax.Array] = None) -> jax.Array:
     """Backbone output over the token positions.
 
     Args:
@@ -134,6 +137,15 @@ class MetisModel(nn.Module):
         forward numbers padded phone slots too: pass `arange` to match it.)
       segment_ids: optional `[batch, phone_length + length]` ids of packed
         sequences (attention stays inside a segment).
+      condition_rows: optional `[batch]` bool, False on rows without a
+        frame-level condition (TTS rows of an Omni batch): the adapter adds
+        exactly 0 there, as it does when decoding those tasks.
+      phone_prefix: optional `[batch, phone_length, embed]`, `phone_prefix(phones)`
+        computed beforehand (instead of `phones`; give `phone_valid`). A
+        decoder computes it once, not at every step; phone_length may be 0
+        (no prefix: the unconditional pass of guidance).
+      adapter_out: optional `[batch, length, embed]`, `adapter_output(features)`
+        computed beforehand (instead of `features`).
 
     Returns:
       `[batch, length, embed]` hidden states after the final norm, phone
@@ -142,21 +154,28 @@ class MetisModel(nn.Module):
     cfg = self.config
     x = self.embed_tokens(tokens, is_masked)
     if cfg.cond_feature_dim:
-      if features is None:
-        raise ValueError("this model has a condition adapter: pass `features`")
-      x = x + self.adapter(features.astype(x.dtype)).astype(x.dtype)
-    elif features is not None:
+      if (features is None) == (adapter_out is None):
+        raise ValueError("this model has a condition adapter: pass `features` (or `adapter_out`)")
+      added = (self.adapter_output(features) if adapter_out is None else adapter_out).astype(x.dtype)
+      if condition_rows is not None:
+        added = jnp.where(condition_rows[:, None, None], added, jnp.zeros_like(added))
+      x = x + added
+    elif features is not None or adapter_out is not None:
       raise ValueError("`features` given, but the model has no adapter (cond_feature_dim = 0)")
     prefix = 0
     if cfg.use_phone_cond:
-      if phones is None:
-        raise ValueError("this model is phone-conditioned: pass `phones` and `phone_valid`")
-      if phone_valid is None:
-        phone_valid = phones != cfg.phone_pad_id
-      prefix = phones.shape[1]
-      x = jnp.concatenate([self.phone_mlp(self.phone_embed(phones)).astype(x.dtype), x], axis=1)
+      if phone_prefix is None:
+        if phones is None:
+          raise ValueError("this model is phone-conditioned: pass `phones` and `phone_valid`")
+        if phone_valid is None:
+          phone_valid = phones != cfg.phone_pad_id
+        phone_prefix = self.phone_prefix(phones)
+      elif phones is not None or phone_valid is None:
+        raise ValueError("with `phone_prefix`, pass `phone_valid` and no `phones`")
+      prefix = phone_prefix.shape[1]
+      x = jnp.concatenate([phone_prefix.astype(x.dtype), x], axis=1)
       valid = jnp.concatenate([phone_valid.astype(bool), valid.astype(bool)], axis=1)
-    elif phones is not None:
+    elif phones is not None or phone_prefix is not None:
       raise ValueError("`phones` given, but the model has no phone condition")
     valid = valid.astype(bool)
     if positions is None:
@@ -164,15 +183,25 @@ class MetisModel(nn.Module):
     h = self.backbone(x, t, positions, valid, segment_ids)
     return h[:, prefix:]
 
+  def phone_prefix(self, phones: jax.Array) -> jax.Array:
+    """`[batch, phone_length]` phone ids -> `[batch, phone_length, embed]` prefix embeddings."""
+    return self.phone_mlp(self.phone_embed(phones))
+
+  def adapter_output(self, features: jax.Array) -> jax.Array:
+    """`[batch, length, cond_feature_dim]` frames -> `[batch, length, embed]`, the adapter's
+    addition to the input embeddings (compute dtype)."""
+    dtype = self.config.backbone.compute_dtype
+    return self.adapter(features.astype(dtype)).astype(dtype)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """`[batch, length, embed]` -> float32 `[batch, length, vocab]`."""
     return _float_logits(self.to_logits(hidden))
 
   def __call__(self, tokens, is_masked, valid, t, phones=None, phone_valid=None,
-               features=None, positions=None, segment_ids=None):
+               features=None, positions=None, segment_ids=None, condition_rows=None):
     """Returns (hidden `[batch, length, embed]`, logits `[batch, length, vocab]`)."""
     hidden = self.hidden_states(tokens, is_masked, valid, t, phones, phone_valid, features,
-                                positions, segment_ids)
+                                positions, segment_ids, condition_rows)
     return hidden, self.logits(hidden)
 
   def init_inputs(self, batch: int = 1, length: int = 8):

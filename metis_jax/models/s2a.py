@@ -128,8 +128,14 @@ class S2AModel(nn.Module):
     table = self.token_embedding.reshape(q * c, h).astype(self._dtype())
     return jnp.take(table, tokens + jnp.arange(q, dtype=tokens.dtype) * c, axis=0)
 
+  def condition(self, cond_tokens: jax.Array, layer) -> jax.Array:
+    """`[batch, time]` SSL tokens -> `[batch, time, embed]` condition of `layer`:
+    cond_mlp(cond_emb(token) + layer_emb(layer)), added to the input embeddings."""
+    layer_vec = jnp.take(self.layer_embedding, layer, axis=0).astype(self._dtype())
+    return self.cond_mlp(self.cond_embed(cond_tokens) + layer_vec).astype(self._dtype())
+
   def hidden_states(self, x: jax.Array, cond_tokens: jax.Array, layer, valid: jax.Array,
-                    t: jax.Array, positions=None) -> jax.Array:
+                    t: jax.Array, positions=None, condition=None) -> jax.Array:
     """Backbone over input embeddings with the SSL condition of `layer`.
 
     Args:
@@ -140,13 +146,16 @@ class S2AModel(nn.Module):
       t: `[batch]` mask-ratio time step.
       positions: optional `[batch, time]` RoPE positions (default: valid
         frames numbered consecutively).
+      condition: optional `[batch, time, embed]`, `condition(cond_tokens, layer)`
+        computed beforehand (a decoder computes it once per layer, not per
+        step); `cond_tokens` is then unused.
 
     Returns:
       `[batch, time, embed]`.
     """
-    layer_vec = jnp.take(self.layer_embedding, layer, axis=0).astype(self._dtype())
-    cond = self.cond_embed(cond_tokens) + layer_vec
-    x = x.astype(self._dtype()) + self.cond_mlp(cond).astype(self._dtype())
+    if condition is None:
+      condition = self.condition(cond_tokens, layer)
+    x = x.astype(self._dtype()) + condition.astype(self._dtype())
     valid = valid.astype(bool)
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)

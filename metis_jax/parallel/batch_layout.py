@@ -20,7 +20,7 @@ Parameters are replicated unless the mesh splits them (fsdp or tensor > 1,
 by the logical-axis rules, as in training). With replicated parameters `jit`
 runs `f` per device under `shard_map`: each device processes its rows as a
 batch of its own, with no communication at all (GSPMD would add all-gathers
-and all-to-alls around the batch doubling of classifier-free guidance), and
+and all-to-alls around the two guidance passes), and
 a row's result is what one device with that batch gives. Otherwise `f` is
 one GSPMD program traced under the rules.
 """
