@@ -1,4 +1,5 @@
-"""Test set-up: 8 fake CPU devices for sharding tests, and the shared data folder.
+"""Test set-up: 8 fake CPU devices for sharding tests, one JAX compilation cache for the
+session (and the processes its tests start), and the shared data folder.
 
 Missing test data (the `../shared` folder beside the checkout, a parity
 fixture) or a missing module of the `test` extra skips a test with its reason
@@ -7,11 +8,33 @@ not be green having run no parity test. Hardware skips (no GPU, no libtpu, no
 TensorFlow) stay skips everywhere; use plain `pytest.skip` / `skipif` for those.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _session_compilation_cache() -> str:
+  """JAX's persistent compilation cache in a fresh temp folder for this session, shared by the
+  tests and the `python -m metis_jax...` processes they start (they inherit the environment):
+  the many runs of the same tiny configs load their executables instead of recompiling them.
+  Every entry is cached (compile time 0 s, any size). A cache folder set by the caller is kept;
+  `JAX_COMPILATION_CACHE_DIR=` (empty) turns caching off. The folder is removed at exit."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  folder = tempfile.mkdtemp(prefix="metis_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+  return folder
+
+
+XLA_CACHE_DIR = _session_compilation_cache()
 
 import importlib  # noqa: E402
 import types  # noqa: E402

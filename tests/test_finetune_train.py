@@ -206,8 +206,9 @@ def test_tiny_se_finetune_learns_and_beats_the_unconditioned_base(tmp_path_facto
   base_cfg = config_lib.load_config("configs/tiny.py", ["train.steps=60", "checkpoint.every_steps=60",
                                                         "logging.tensorboard=False"])
   assert loop.train(base_cfg, base, devices=ONE).ok
+  # Batch 8, not the config's 16: half the CPU time (the fine-tune steps dominate this test).
   config = config_lib.load_config("configs/finetune_tiny.py:se", [f"finetune.base={base}", "train.steps=120",
-                                                                  "finetune.export=False"])
+                                                                  "train.global_batch_size=8", "finetune.export=False"])
   result = loop.train(config, str(root / "se"), return_state=True, devices=ONE)
   assert result.ok
   losses = [h["loss"] for h in result.history]
@@ -232,7 +233,8 @@ def test_tiny_se_finetune_learns_and_beats_the_unconditioned_base(tmp_path_facto
 
   acc_ft = masked_target_accuracy(finetuned, batches)
   acc_base = masked_target_accuracy(unconditioned, batches)
-  # Measured: 0.047 against 0.005 (a 60-step base, 120 fine-tune steps).
+  # Measured: 0.035 against 0.005 (a 60-step base, 120 fine-tune steps of batch 8; the loss fell by 0.48);
+  # 0.047 against 0.005 with batch 16.
   assert acc_ft > max(acc_base + 0.02, 3 * acc_base), (acc_ft, acc_base)
 
 

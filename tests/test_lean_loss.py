@@ -83,12 +83,21 @@ def _corruption(valid, seed):
                                       masking.MaskingConfig())
 
 
+def _loss_accuracy_count_and_grad(loss_fn, params):
+  """(loss, (accuracy, count)), d loss / d params of `loss_fn(params) -> (loss, accuracy, count)`,
+  jitted: one compile per function (op-by-op execution of the model costs many)."""
+  def split(p):
+    loss, *aux = loss_fn(p)
+    return loss, tuple(aux)
+
+  return jax.jit(jax.value_and_grad(split, has_aux=True))(params)
+
+
 def _assert_same(reference_fn, lean_fn, params):
-  ref, ref_grad = jax.value_and_grad(lambda p: reference_fn(p)[0])(params)
-  lean, lean_grad = jax.jit(jax.value_and_grad(lambda p: lean_fn(p)[0]))(params)
+  (ref, ref_aux), ref_grad = _loss_accuracy_count_and_grad(reference_fn, params)
+  (lean, lean_aux), lean_grad = _loss_accuracy_count_and_grad(lean_fn, params)
   np.testing.assert_allclose(float(lean), float(ref), rtol=1e-5)
-  np.testing.assert_allclose([float(x) for x in jax.jit(lean_fn)(params)[1:]],
-                             [float(x) for x in reference_fn(params)[1:]], rtol=1e-6)
+  np.testing.assert_allclose([float(x) for x in lean_aux], [float(x) for x in ref_aux], rtol=1e-6)
   for path, a in jax.tree_util.tree_leaves_with_path(ref_grad):
     b = dict(jax.tree_util.tree_leaves_with_path(lean_grad))[path]
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7,
@@ -100,7 +109,7 @@ def test_metis_training_loss_equals_full_logits_loss():
   cfg = metis.MetisConfig(backbone=_tiny_backbone(), vocab_size=4096, use_phone_cond=True,
                           phone_vocab_size=12, phone_pad_id=11)
   model = metis.MetisModel(cfg)
-  params = metis.init_params(model, jax.random.key(0))
+  params = jax.jit(metis.init_params, static_argnums=0)(model, jax.random.key(0))
   rng = np.random.default_rng(1)
   valid = np.arange(20)[None] < np.array([[20], [11]])
   tokens = jnp.asarray(rng.integers(0, 4096, (2, 20)), jnp.int32)
@@ -125,7 +134,7 @@ def test_s2a_training_loss_equals_full_logits_loss():
   cfg = s2a.S2AConfig(backbone=_tiny_backbone(), codebook_size=4096, num_quantizers=4,
                       cond_vocab_size=30)
   model = s2a.S2AModel(cfg)
-  params = s2a.init_params(model, jax.random.key(3))
+  params = jax.jit(s2a.init_params, static_argnums=0)(model, jax.random.key(3))
   rng = np.random.default_rng(4)
   valid = jnp.asarray(np.arange(16)[None] < np.array([[16], [9]]))
   tokens = jnp.asarray(rng.integers(0, 4096, (2, 16, 4)), jnp.int32)
@@ -150,7 +159,7 @@ def test_s2a_stacked_embedding_equals_per_layer_embeddings():
   cfg = s2a.S2AConfig(backbone=_tiny_backbone(), codebook_size=24, num_quantizers=4,
                       cond_vocab_size=30)
   model = s2a.S2AModel(cfg)
-  params = s2a.init_params(model, jax.random.key(6))
+  params = jax.jit(s2a.init_params, static_argnums=0)(model, jax.random.key(6))
   tokens = jnp.asarray(np.random.default_rng(7).integers(0, 24, (2, 5, 4)), jnp.int32)
   stacked = model.apply({"params": params}, tokens, method=s2a.S2AModel.embed_all_layers)
   table = np.asarray(params["token_embedding"])

@@ -39,33 +39,13 @@ def s2a_config(*overrides: str, name: str = "s2a_tiny"):
   return config_lib.load_config(name, S2A_TINY + list(overrides))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for this module only: the runs below share one config,
-  so each `train.train` after the first loads its init and step instead of compiling them."""
-  try:  # reset_cache is private: without it the runs compile, just slower
-    from jax._src.compilation_cache import reset_cache  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    yield
-    return
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  saved = {n: getattr(jax.config, n) for n in names}
-  for name, value in zip(names, (str(tmp_path_factory.mktemp("xla_cache")), 0, 0)):
-    jax.config.update(name, value)
-  reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  reset_cache()
-
-
 def read_metrics(workdir: str) -> dict[int, dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return {int(v["step"]): v for v in map(json.loads, f)}
 
 
 RUN = ("train.steps=40",)  # every engine run below shares this, so they share compilations
+# (the session's persistent compilation cache, tests/conftest.py)
 
 
 @pytest.mark.slow
