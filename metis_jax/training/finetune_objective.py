@@ -29,10 +29,13 @@ least one per row, the prompt kept visible; with probability
 `finetune.prompt_drop_prob` a row's prompt (and its phones) is dropped, i.e.
 made padding, which is exactly the unconditional branch of CFG at decoding
 (target alone, adapter features kept). Cross-entropy over the masked target
-tokens.
+tokens, from the hidden states chunk by chunk (`finetune_loss` ->
+`metis.training_loss`: no float32 `[B, T, vocab]` logits).
 
 Condition features `[B, T, cond_feature_dim]`, frame t on token t of [prompt;
-target], zero where a row has no condition (Omni's TTS rows) and past its length:
+target], zero where a row has no condition (Omni's TTS rows) and past its length;
+on an Omni batch's unconditioned rows the adapter adds exactly 0
+(`condition_rows`), as when those tasks are decoded:
   * `model.cond_feature = 'cheap'` (tiny configs): `cond_features` from the batch
     (160-d log-mel pairs, `data.condition_features`);
   * 'w2v_bert': normalized w2v-BERT 2.0 layer-17 features computed in the step
@@ -340,6 +343,66 @@ def condition_features(setup: FinetuneSetup, encoder: Any, batch: Batch) -> Opti
   return jnp.where(keep[..., None], feat, 0.0)
 
 
+def condition_rows(setup: FinetuneSetup, batch: Batch) -> Optional[jax.Array]:
+  """`[batch]` bool, True on rows with a frame-level condition (Omni); None when every row has one.
+
+  An Omni batch mixes conditioned rows (SE/TSE/VC, by the batch's `task` index
+  in `data.tasks.TASKS`) with TTS rows, which have none: on those the adapter
+  must add exactly 0 (not its biases applied to zero features), as it does
+  when TTS is decoded (`inference.decoding.without_adapter`).
+  """
+  if setup.task != "omni" or not setup.model.config.cond_feature_dim:
+    return None
+  from metis_jax.data import tasks  # pylint: disable=import-outside-toplevel
+  ids = jnp.asarray([tasks.TASKS.index(t) for t in (*AUDIO_TASKS, "l2s")], jnp.int32)
+  return (batch["task"].astype(jnp.int32)[:, None] == ids[None, :]).any(-1)
+
+
+def loss_rows(setup: FinetuneSetup, encoder: Any, batch: Batch, corruption: masking.TrainingMask,
+              seq_valid: jax.Array, dropped: jax.Array) -> dict[str, Any]:
+  """The model inputs of `finetune_loss` for a task batch and its corruption (`sample_finetune_mask`).
+
+  Returns tokens int32 `[B, T]`, valid `[B, T]` (= seq_valid), corruption, and
+  as the model needs them features `[B, T, cond_feature_dim]`, condition_rows
+  bool `[B]` (Omni only), phones int32 / phone_valid bool `[B, P]` (dropped
+  rows' phones invalid).
+  """
+  rows = {"tokens": batch["tokens"].astype(jnp.int32), "valid": seq_valid, "corruption": corruption}
+  features = condition_features(setup, encoder, batch)
+  if features is not None:
+    rows["features"] = features
+    cond_rows = condition_rows(setup, batch)
+    if cond_rows is not None:
+      rows["condition_rows"] = cond_rows
+  if setup.model.config.use_phone_cond:
+    rows["phones"] = batch["phones"].astype(jnp.int32)
+    rows["phone_valid"] = batch["phone_valid"].astype(bool) & ~dropped[:, None]
+  return rows
+
+
+def finetune_loss(model: metis.MetisModel, params: Any, rows: dict[str, Any], rngs: Any = None,
+                  chunk_size: int = masking.DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked CE over the corrupted target tokens, from the hidden states (`metis.training_loss`).
+
+  Args:
+    model: the fine-tuned model.
+    params: its full parameters (trained + frozen).
+    rows: tokens int32 `[b, T]`, valid bool `[b, T]` (dropped prompts already
+      padding), corruption (a `masking.TrainingMask` of `[b]` / `[b, T]`
+      leaves), and optionally features `[b, T, cond_feature_dim]`,
+      condition_rows bool `[b]`, phones int32 / phone_valid bool `[b, P]`.
+    rngs: flax RNGs (LoRA dropout).
+    chunk_size: positions per row per logits chunk.
+
+  Returns:
+    (mean CE, accuracy, scored tokens), float32 scalars; no `[b, T, vocab]`
+    logits are materialized.
+  """
+  extra = {k: rows[k] for k in ("features", "condition_rows", "phones", "phone_valid") if k in rows}
+  return metis.training_loss(params, model, rows["tokens"], rows["valid"], rows["corruption"], rngs=rngs,
+                             chunk_size=chunk_size, **extra)
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -364,14 +427,7 @@ def finetune_step(state: FinetuneState, batch: Batch, frozen: dict, encoder: Any
   valid = batch["valid"].astype(bool)
   corruption, seq_valid, dropped = sample_finetune_mask(k_mask, valid, batch["prompt_lengths"], setup.masking,
                                                         setup.prompt_drop_prob)
-  rows = {"tokens": batch["tokens"].astype(jnp.int32), "valid": seq_valid, "is_masked": corruption.is_masked,
-          "t": corruption.t}
-  features = condition_features(setup, encoder, batch)
-  if features is not None:
-    rows["features"] = features
-  if setup.model.config.use_phone_cond:
-    rows["phones"] = batch["phones"].astype(jnp.int32)
-    rows["phone_valid"] = batch["phone_valid"].astype(bool) & ~dropped[:, None]
+  rows = loss_rows(setup, encoder, batch, corruption, seq_valid, dropped)
   micro = jax.tree.map(lambda x: step_lib.split_microbatches(x, num_micro), rows)
   dropout_keys = jax.random.key_data(jax.random.split(k_drop, num_micro))
   batch_axes = mesh_lib.BATCH_AXES
@@ -382,11 +438,8 @@ def finetune_step(state: FinetuneState, batch: Batch, frozen: dict, encoder: Any
     rows_mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
         x, PartitionSpec(batch_axes, *([None] * (x.ndim - 1)))), rows_mb)
     params = graft(trainable, frozen)
-    extra = {k: rows_mb[k] for k in ("features", "phones", "phone_valid") if k in rows_mb}
-    _, logits = model.apply({"params": params}, rows_mb["tokens"], rows_mb["is_masked"], rows_mb["valid"],
-                            rows_mb["t"], rngs={"dropout": jax.random.wrap_key_data(key_data)}, **extra)
-    mean_ce, accuracy, count = masking.masked_cross_entropy(logits, rows_mb["tokens"],
-                                                            rows_mb["is_masked"] & rows_mb["valid"])
+    mean_ce, accuracy, count = finetune_loss(model, params, rows_mb,
+                                             rngs={"dropout": jax.random.wrap_key_data(key_data)})
     return mean_ce * count, (accuracy * count, count)
 
   # value_and_grad in the first argument (the trainable tree) only.
