@@ -75,6 +75,8 @@ def test_frozen_params_bit_identical_and_absent_from_the_optimizer(task_data, ba
   config = ft_config(task_data, base_dir, "train.steps=4", "model.adapter_gated=True")  # the released layout
   result = loop.train(config, str(tmp_path / "run"), return_state=True, devices=ONE)
   assert result.ok and result.final_step == 4
+  steps, = loop._STEPS_CACHE.values()  # pylint: disable=protected-access
+  assert steps.step_fn.late_compiles == 0  # compiled before the first step, never during one
   losses = [h["loss"] for h in result.history]
   assert all(np.isfinite(losses))
   state = result.state

@@ -70,6 +70,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from metis_jax.models import masking
 from metis_jax.models import metis
 from metis_jax.parallel import mesh as mesh_lib
+from metis_jax.training import compile_ahead as compile_ahead_lib
 from metis_jax.training import finetune_base
 from metis_jax.training import input_pipeline
 from metis_jax.training import metrics as metrics_lib
@@ -587,6 +588,11 @@ class _Steps:
 
   def __call__(self, state: FinetuneState, batch):
     return self.step_fn(state, batch, self.frozen, self.encoder)
+
+  def compile_ahead(self, state: FinetuneState, specs) -> tuple["_Steps", compile_ahead_lib.AheadCompiled]:
+    """These steps with the step compiled for every batch spec (`compile_ahead.compile_ahead`)."""
+    ahead = compile_ahead_lib.compile_ahead(self.step_fn, state, specs, self.frozen, self.encoder)
+    return dataclasses.replace(self, step_fn=ahead), ahead
 
 
 def _has_checkpoints(workdir: str) -> bool:
