@@ -24,7 +24,8 @@ def compile_cli(cache_dir: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cpu_dry_run_reports_memory_and_exit_status(tmp_path):
-  overrides = lib.cli_overrides()
+  # The largest bucket only (every bucket: tests/test_compile_ahead.py).
+  overrides = ("--largest_bucket_only", *lib.cli_overrides())
   fits = compile_cli(str(tmp_path), "--topology", "cpu-8", *overrides)
   assert fits.returncode == 0, fits.stderr[-3000:]
   assert "mesh data=1 fsdp=8 tensor=1 (8 devices, cpu)" in fits.stdout
