@@ -26,7 +26,6 @@ EXTRAS_REQUIRE = {
     # installed, optional live comparisons run as well.
     "test": [
         "pytest>=8.0",
-        "pytest-xdist>=3.5",   # the suite runs on both cores of a small machine (-n 2)
         "phonemizer>=3.3.0",
     ],
     # Converting Amphion's w2v-BERT statistics `wav2vec2bert_stats.pt` (a torch
