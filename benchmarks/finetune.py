@@ -20,7 +20,8 @@ Rows (nothing of base size is allocated: parameters come from `jax.eval_shape`):
   step time            with `--step_time`: the real jitted fine-tune step on the first local
                        device, random weights, `--step_batch` x T, both modes interleaved
                        (`--step_repeats` rounds, median); `--step_layers` < 16 keeps the full
-                       fine-tune's state (weights, grads, AdamW: ~16 B per parameter) in RAM.
+                       fine-tune's state (weights, grads, AdamW: ~16 B per parameter) in RAM;
+                       `--only_step_time` prints this row alone.
 """
 
 import argparse
@@ -173,9 +174,12 @@ def main(argv=None):
   ap.add_argument("--step_batch", type=int, default=1)
   ap.add_argument("--step_layers", type=int, default=16)
   ap.add_argument("--step_repeats", type=int, default=3)
+  ap.add_argument("--only_step_time", action="store_true", help="print the step-time row alone")
   args = ap.parse_args(argv)
+  if args.only_step_time:
+    args.step_time = True
   rows = {}
-  for mode in MODES:
+  for mode in ([] if args.only_step_time else MODES):
     config = make_config(mode)
     setup = fto.make_setup(config, with_encoder=False)
     state = jax.eval_shape(fto.init_fn(setup, 0))
@@ -186,7 +190,7 @@ def main(argv=None):
     print(f"{mode}: {rows[mode]}", file=sys.stderr, flush=True)
   memory = {}
   target = aot_compile.parse_topology(args.topology)
-  if not args.skip_memory:
+  if not args.skip_memory and not args.only_step_time:
     if target.platform != "cpu" and not aot_compile.libtpu_available():
       print(f"{args.topology}: libtpu is not installed; per-chip memory for TPU skipped", flush=True)
     else:
@@ -194,15 +198,16 @@ def main(argv=None):
       for mode in MODES:
         memory[mode] = step_memory(mode, devices, args.memory_batch, args.length)
       memory["pre-training (stage 1)"] = pretrain_memory(devices, args.memory_batch, args.length)
-  lo, full = rows["lora+adapter"], rows["full"]
-  print(f"\nmetis_base fine-tuning (configs/metis_se.py), loss FLOPs at B {args.batch} x T {args.length}")
-  print(f"{'':28} {'lora+adapter':>16} {'full':>16} {'ratio':>8}")
-  table = [("trainable parameters", lo["trainable"] / 1e6, full["trainable"] / 1e6, "{:.1f}M"),
-           ("optimizer state", lo["opt_bytes"] / 2 ** 20, full["opt_bytes"] / 2 ** 20, "{:.1f} MiB"),
-           ("forward FLOPs", lo["forward"] / 1e9, full["forward"] / 1e9, "{:.1f} G"),
-           ("backward FLOPs", lo["backward"] / 1e9, full["backward"] / 1e9, "{:.1f} G")]
-  for name, a, b, fmt in table:
-    print(f"{name:28} {fmt.format(a):>16} {fmt.format(b):>16} {a / b:8.3f}")
+  if not args.only_step_time:
+    lo, full = rows["lora+adapter"], rows["full"]
+    print(f"\nmetis_base fine-tuning (configs/metis_se.py), loss FLOPs at B {args.batch} x T {args.length}")
+    print(f"{'':28} {'lora+adapter':>16} {'full':>16} {'ratio':>8}")
+    table = [("trainable parameters", lo["trainable"] / 1e6, full["trainable"] / 1e6, "{:.1f}M"),
+             ("optimizer state", lo["opt_bytes"] / 2 ** 20, full["opt_bytes"] / 2 ** 20, "{:.1f} MiB"),
+             ("forward FLOPs", lo["forward"] / 1e9, full["forward"] / 1e9, "{:.1f} G"),
+             ("backward FLOPs", lo["backward"] / 1e9, full["backward"] / 1e9, "{:.1f} G")]
+    for name, a, b, fmt in table:
+      print(f"{name:28} {fmt.format(a):>16} {fmt.format(b):>16} {a / b:8.3f}")
   if args.step_time:
     times = step_times(args.step_batch, args.length, args.step_layers, args.step_repeats)
     print(f"step time on {jax.devices()[0].platform} (B {args.step_batch} x T {args.length}, "
