@@ -15,6 +15,7 @@ import numpy as np
 
 from metis_jax.parallel import sharding
 from metis_jax.nn import lora as lora_lib
+from metis_jax.nn import matmul
 from metis_jax.nn import rope
 
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
@@ -70,8 +71,7 @@ class Projection(nn.Module):
                         in_shape + tuple(self.features), self.param_dtype)
     lora_in = x
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    axes = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
-    y = jax.lax.dot_general(x, kernel, (axes, ((), ())))
+    y = matmul.contract_trailing(x, kernel, self.contract, current_backend())
     if self.lora_rank:
       y = y + lora_lib.lora_update(
           self, lora_in, tuple(self.logical_axes[:self.contract]), tuple(self.features),
