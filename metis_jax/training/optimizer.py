@@ -6,7 +6,7 @@ micro-batches and sums their gradients before a single update (see
 and the optimizer state free of accumulation buffers.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -114,3 +114,93 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                            mask=weight_decay_mask))
   return optax.chain(*parts)
+
+
+# (grads, opt_state, params, grad_norm, ok) -> (new params, new opt_state)
+FusedUpdate = Callable[[Any, Any, Any, jax.Array, jax.Array], tuple[Any, Any]]
+
+
+def fused_adamw(cfg: ml_collections.ConfigDict) -> FusedUpdate:
+  """`make_optimizer(cfg)`'s update and `optax.apply_updates`, computed leaf by leaf, guarded.
+
+  Same state (the optax chain's, so checkpoints keep their layout) and the same
+  arithmetic as `tx.update` followed by `optax.apply_updates` (`tests/test_optimizer_fused.py`
+  checks it against optax step by step), but each parameter's clip, moments, bias
+  correction, decay and step are one elementwise expression of (g, mu, nu, p), and
+  the "skip a non-finite update" guard selects inside it. Written through optax's
+  chain, XLA kept the old moments alive past their in-place update (a copy of mu and
+  of nu) and materialized the clipped gradients: metis_base at 4 layers, B1 x T500,
+  1.40 GiB of temporaries instead of 2.01 (and 1.57 without the guard).
+
+  Args:
+    cfg: `config.train` (adam_b1/b2/eps, weight_decay, grad_clip_norm, the schedule).
+
+  Returns:
+    `apply(grads, opt_state, params, grad_norm, ok)`: `grad_norm` is the global norm of
+    `grads` (float32 scalar), `ok` a bool scalar; where `ok` is False, params and state
+    come back unchanged.
+  """
+  b1, b2, eps, wd = float(cfg.adam_b1), float(cfg.adam_b2), float(cfg.adam_eps), float(cfg.weight_decay)
+  max_norm = float(cfg.grad_clip_norm)
+  schedule = learning_rate_schedule(cfg)
+
+  def apply(grads, opt_state, params, grad_norm, ok):
+    adam, sched = _find_state(opt_state, optax.ScaleByAdamState), _find_state(
+        opt_state, optax.ScaleByScheduleState)
+    count = optax.safe_increment(adam.count)
+    step_size = -1 * schedule(sched.count)  # as optax.scale_by_learning_rate
+    # The clip of `clip_by_global_norm` as one scalar factor (1 below the threshold):
+    # `g * factor` rather than a select between g and (g / norm) max_norm, which made
+    # XLA materialize the clipped gradients (equal to rounding).
+    clip = (None if max_norm <= 0 else
+            jnp.where(jnp.squeeze(grad_norm < max_norm), 1.0, max_norm / grad_norm))
+    decay_mask = weight_decay_mask(params)
+
+    def leaf(g, mu, nu, p, decays_p):
+      if clip is not None:
+        g = g * clip.astype(g.dtype)
+      guard = lambda new, old: jnp.where(ok, new, old)
+      # The parameter step reads the guarded moments (on a skipped step it is discarded):
+      # XLA then writes the moments in place and reads them back, without copying the
+      # old ones first.
+      new_mu = guard(((1 - b1) * g + b1 * mu).astype(mu.dtype), mu)
+      new_nu = guard(((1 - b2) * (g ** 2) + b2 * nu).astype(nu.dtype), nu)
+      mu_hat = new_mu / (1 - b1 ** count).astype(new_mu.dtype)
+      nu_hat = new_nu / (1 - b2 ** count).astype(new_nu.dtype)
+      update = mu_hat / (jnp.sqrt(nu_hat + 0.0) + eps)
+      if decays_p and wd:
+        update = update + wd * p
+      new_p = jnp.asarray(p + jnp.array(step_size, dtype=update.dtype) * update).astype(p.dtype)
+      return guard(new_p, p), new_mu, new_nu
+
+    triples = jax.tree.map(leaf, grads, adam.mu, adam.nu, params, decay_mask)
+    is_triple = lambda x: isinstance(x, tuple) and len(x) == 3
+    pick = lambda i: jax.tree.map(lambda t: t[i], triples, is_leaf=is_triple)
+    new_adam = adam._replace(count=jnp.where(ok, count, adam.count), mu=pick(1), nu=pick(2))
+    new_sched = sched._replace(count=jnp.where(ok, optax.safe_increment(sched.count), sched.count))
+    return pick(0), _replace_states(opt_state, {optax.ScaleByAdamState: new_adam,
+                                                optax.ScaleByScheduleState: new_sched})
+
+  return apply
+
+
+def _find_state(opt_state, kind):
+  """The one `kind` (a NamedTuple state class) inside a chain's nested state tuples."""
+  if isinstance(opt_state, kind):
+    return opt_state
+  if isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields"):
+    for part in opt_state:
+      found = _find_state(part, kind)
+      if found is not None:
+        return found
+  return None
+
+
+def _replace_states(opt_state, new_by_kind: dict):
+  """`opt_state` with each state of a kind in `new_by_kind` replaced."""
+  for kind, new in new_by_kind.items():
+    if isinstance(opt_state, kind):
+      return new
+  if isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields"):
+    return tuple(_replace_states(part, new_by_kind) for part in opt_state)
+  return opt_state

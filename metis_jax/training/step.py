@@ -135,7 +135,8 @@ def apply_token_mean_update(state, tx, cfg: ml_collections.ConfigDict, sums):
   grads = jax.tree.map(lambda g: g / denom, grad_sum)
   poison = state.step + 1 == cfg.inject_nan_at_step if cfg.inject_nan_at_step >= 0 else None
   new_params, new_opt_state, grad_norm, skipped = update_lib.guarded_update(
-      tx, grads, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison)
+      tx, grads, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison,
+      fused=optimizer_lib.fused_adamw(cfg))
   skipped_steps = state.skipped_steps + skipped.astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
                             skipped_steps=skipped_steps)

@@ -6,7 +6,7 @@ it in its state and reports `skipped` (the loop logs it, and
 `checkpointing.Checkpointer` never saves non-finite parameters).
 """
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,8 @@ import optax
 
 
 def guarded_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any,
-                   loss: jax.Array, skip_nonfinite: bool, poison: Optional[jax.Array | bool] = None):
+                   loss: jax.Array, skip_nonfinite: bool, poison: Optional[jax.Array | bool] = None,
+                   fused: Optional[Callable] = None):
   """One optimizer update, skipped when the loss or the gradient norm is not finite.
 
   Args:
@@ -25,6 +26,8 @@ def guarded_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any,
     loss: float32 scalar.
     skip_nonfinite: keep params and opt_state on a non-finite update (else let it through).
     poison: debug; NaN gradients where True (exercises the guard); None leaves them alone.
+    fused: `optimizer.fused_adamw(cfg)` of the `make_optimizer(cfg)` that made `tx`: the
+      same update computed leaf by leaf (fewer temporaries); None runs `tx.update`.
 
   Returns:
     (params, opt_state, grad_norm float32 scalar, skipped bool scalar).
@@ -32,6 +35,10 @@ def guarded_update(tx: optax.GradientTransformation, grads: Any, opt_state: Any,
   if poison is not None:
     grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
   grad_norm = optax.tree.norm(grads)
+  if fused is not None:
+    ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)) if skip_nonfinite else jnp.ones((), bool)
+    new_params, new_opt_state = fused(grads, opt_state, params, grad_norm, ok)
+    return new_params, new_opt_state, grad_norm, ~ok
   # The clip of `optimizer.make_optimizer` reuses this norm rather than computing it again.
   extra = {"grad_norm": grad_norm} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
   updates, new_opt_state = tx.update(grads, opt_state, params, **extra)
