@@ -11,6 +11,32 @@ from metis_jax.parallel import sharding
 KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
 
+@jax.custom_vjp
+def silu_gate(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, elementwise; its VJP keeps only (gate, up) for the backward pass.
+
+  Autodiff of the plain expression saves four `[batch, length, mlp]` arrays besides
+  gate and up (sigmoid terms and the product); recomputing them in the backward pass
+  is a few elementwise ops (metis_base at B1 x T500: 3 x 12 MiB less per layer).
+  """
+  return nn.silu(gate) * up
+
+
+def _silu_gate_fwd(gate, up):
+  return silu_gate(gate, up), (gate, up)
+
+
+def _silu_gate_bwd(residuals, d_out):
+  gate, up = residuals
+  sig = jax.nn.sigmoid(gate)
+  silu = gate * sig
+  d_gate = d_out * up * (sig * (1 + gate * (1 - sig)))  # d silu / d gate
+  return d_gate.astype(gate.dtype), (d_out * silu).astype(up.dtype)
+
+
+silu_gate.defvjp(_silu_gate_fwd, _silu_gate_bwd)
+
+
 class SwiGLU(nn.Module):
   """down(silu(gate x) * up x), no biases (Llama's MLP).
 
@@ -34,7 +60,7 @@ class SwiGLU(nn.Module):
         lora_dropout=self.lora.dropout)
     gate = dense(self.hidden_dim, ("embed", "mlp"), "gate", "gate_proj")(x)
     up = dense(self.hidden_dim, ("embed", "mlp"), "up", "up_proj")(x)
-    h = sharding.constrain(nn.silu(gate) * up, sharding.BATCH_LENGTH_MLP)
+    h = sharding.constrain(silu_gate(gate, up), sharding.BATCH_LENGTH_MLP)
     out = dense(embed, ("mlp", "embed"), "down", "down_proj")(h)
     return sharding.constrain(out, sharding.BATCH_LENGTH_EMBED)
 
