@@ -97,6 +97,28 @@ def weight_norm_kernel(v: jax.Array, g: jax.Array) -> jax.Array:
   return (v.astype(jnp.float32) * (g.astype(jnp.float32) / norm)).astype(v.dtype)
 
 
+def depthwise_conv1d(x: jax.Array, kernel: jax.Array, padding: int, dilation: int = 1) -> jax.Array:
+  """Depthwise (groups == channels), stride-1 convolution as a sum of shifted products.
+
+  x `[batch, time, C]`, kernel `[k, 1, C * m]` (output channel o reads input
+  channel o // m) -> `[batch, time + 2 * padding - dilation * (k - 1), C * m]`.
+  Same result as `conv_general_dilated(..., feature_group_count=C)`, but XLA
+  fuses the k multiply-adds into one elementwise loop, where XLA:CPU runs the
+  grouped convolution as a generic one (a k7 depthwise conv over
+  `[1, 500, 512]` took 16 ms against 0.2 ms).
+  """
+  taps, _, features = kernel.shape
+  multiplier = features // x.shape[-1]
+  if multiplier > 1:
+    x = jnp.repeat(x, multiplier, axis=-1)
+  xp = jnp.pad(x, [(0, 0), (padding, padding), (0, 0)])
+  out_len = xp.shape[1] - dilation * (taps - 1)
+  y = xp[:, :out_len] * kernel[0, 0]
+  for j in range(1, taps):
+    y = y + xp[:, j * dilation:j * dilation + out_len] * kernel[j, 0]
+  return y
+
+
 class Conv1d(nn.Module):
   """PyTorch-style Conv1d: symmetric zero padding, stride, dilation, groups.
 
@@ -143,10 +165,13 @@ class Conv1d(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[batch, time, in_channels]` -> `[batch, time', features]`."""
     kernel = self.kernel(x.shape[-1]).astype(self.dtype)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel, window_strides=(self.stride,),
-        padding=[(self.padding, self.padding)], rhs_dilation=(self.dilation,),
-        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=self.groups)
+    if self.groups == x.shape[-1] and self.groups > 1 and self.stride == 1:
+      y = depthwise_conv1d(x.astype(self.dtype), kernel, self.padding, self.dilation)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x.astype(self.dtype), kernel, window_strides=(self.stride,),
+          padding=[(self.padding, self.padding)], rhs_dilation=(self.dilation,),
+          dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=self.groups)
     if self.use_bias:
       bias = self.param("bias", sharding.partitioned(nn.initializers.zeros, (self.kernel_axes[-1],)),
                         (self.features,), self.param_dtype)

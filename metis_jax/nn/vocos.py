@@ -23,6 +23,16 @@ LN_EPS = 1e-6
 DENSE_INIT = conv.KERNEL_INIT
 
 
+def gelu_erf(x: jax.Array) -> jax.Array:
+  """Exact GELU as x / 2 * (1 + erf(x / sqrt(2))) (the formula of PyTorch's nn.GELU()).
+
+  jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU lowers to
+  both of its branches (a polynomial and an exp-based tail) with two divides:
+  2.2x the time of this form on `[500, 4096]`. Values agree to ~1e-6 absolute.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def _layer_norm(name: str, dtype, param_dtype) -> nn.LayerNorm:
   # Two-pass variance (as PyTorch), not E[x^2] - E[x]^2.
   return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
@@ -54,7 +64,7 @@ class ConvNeXtBlock(nn.Module):
     h = nn.Dense(self.intermediate_dim, kernel_init=sharding.partitioned(DENSE_INIT, ("embed", "mlp")),
                  bias_init=sharding.partitioned(nn.initializers.zeros, ("mlp",)), name="pwconv1", **dt)(h)
     h = sharding.constrain(h, sharding.BATCH_LENGTH_MLP)
-    h = jax.nn.gelu(h, approximate=False)
+    h = gelu_erf(h)
     h = nn.Dense(self.dim, kernel_init=sharding.partitioned(DENSE_INIT, ("mlp", "embed")),
                  bias_init=sharding.partitioned(nn.initializers.zeros, ("embed",)), name="pwconv2", **dt)(h)
     gamma = self.param("gamma", sharding.partitioned(nn.initializers.constant(self.layer_scale_init), ("norm",)),
