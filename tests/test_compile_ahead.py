@@ -177,3 +177,24 @@ def test_dry_run_takes_s2a_and_finetune_configs(config_name, overrides):
   # (Several buckets: the stage-1 test above; fine-tune batches have one length.)
   assert len(report.buckets) == 1 and report.fits and report.memory["total"] > 0
   assert report.largest.shape == "[8, 16]"
+
+
+def test_abstract_encoder_matches_the_encoder_a_run_creates():
+  """The fine-tune dry run's stand-in for the frozen w2v-BERT: same tree, shapes, dtypes, shardings."""
+  from metis_jax import config_lib  # pylint: disable=import-outside-toplevel
+  from metis_jax.training import codec_state  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config(os.path.join(lib.REPO_ROOT, "configs", "finetune_tiny.py:se"), [
+      "features.source=random_w2v_bert", "features.hidden_size=32", "features.output_layer=1",
+      "features.num_heads=2", "features.intermediate_size=64", "mesh.fsdp=-1"])
+  enc_cfg = codec_state.encoder_config(config)
+  mesh = mesh_lib.create_mesh(config.mesh)
+  rules = mesh_lib.logical_rules(config)
+  abstract = codec_state.abstract_encoder(enc_cfg, mesh, rules)
+  setup = type("Setup", (), dict(encoder=enc_cfg, rules=rules))
+  real = codec_state.create_encoder(setup, config, mesh)
+  assert jax.tree.structure(abstract) == jax.tree.structure(real)
+  for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (a.shape, a.dtype) == (r.shape, r.dtype)
+    assert a.sharding.is_equivalent_to(r.sharding, len(a.shape))
+  assert np.prod(abstract.mean.shape) == 32

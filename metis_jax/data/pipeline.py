@@ -60,8 +60,6 @@ from metis_jax.data import batches
 from metis_jax.data import bucketing
 from metis_jax.data import records
 from metis_jax.data import shards
-# Kept under their former names for other modules (`pipeline.pad_batch`, ...).
-from metis_jax.data.bucketing import check_buckets, default_buckets, pad_batch  # noqa: F401
 
 
 # Threads reading records inside each worker (or the main process).
@@ -258,7 +256,7 @@ def bucket_schedule(cfg, *, max_length: int, acoustic_layers: int = 0) -> bucket
     max_length: crop length and largest bucket (train.seq_length).
     acoustic_layers: as `host_batch_dataset` (lengths are those of the aligned streams).
   """
-  buckets = check_buckets(cfg.bucket_lengths or default_buckets(max_length), max_length)
+  buckets = bucketing.check_buckets(cfg.bucket_lengths or bucketing.default_buckets(max_length), max_length)
   sample = ()
   if len(buckets) > 1:
     sample = bucketing.sample_lengths(_element_dataset(cfg, max_length=max_length,

@@ -756,8 +756,8 @@ def make_task_iterator(task: str, source: str, opts: TaskOptions, *, batch_size:
     target_filter: record id -> usable as a target.
     pool_filter: record id -> usable as a prompt / interferer.
   """
-  from metis_jax.data import batches, pipeline  # pylint: disable=g-import-not-at-top
-  buckets = pipeline.check_buckets(buckets or pipeline.default_buckets(opts.max_length), opts.max_length)
+  from metis_jax.data import batches, bucketing  # pylint: disable=g-import-not-at-top
+  buckets = bucketing.check_buckets(buckets or bucketing.default_buckets(opts.max_length), opts.max_length)
   ds = task_element_dataset(task, source, opts, seed=seed, num_epochs=num_epochs, audio_root=audio_root,
                             noise_dirs=noise_dirs, rir_dirs=rir_dirs, target_filter=target_filter,
                             pool_filter=pool_filter)

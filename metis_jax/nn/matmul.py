@@ -17,7 +17,6 @@ and there remat policies such as `checkpoint_dots` must see plain `dot_general`s
 import functools
 
 import jax
-import jax.numpy as jnp
 
 
 def _contract(x: jax.Array, kernel: jax.Array, contract: int) -> jax.Array:

@@ -25,9 +25,7 @@ import sys
 import dataclasses
 from typing import Any, Optional
 
-import flax.linen
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
@@ -160,7 +158,7 @@ class CompileReport:
   @property
   def largest(self) -> compile_ahead.BucketCompile:
     """The bucket needing the most per-device memory."""
-    return max(reversed(self.buckets), key=lambda b: b.memory.get("total", 0))
+    return compile_ahead.largest_bucket(self.buckets)
 
   @property
   def memory(self) -> dict:
@@ -225,15 +223,9 @@ def _finetune_program(config: ml_collections.ConfigDict, mesh) -> StepProgram:
   setup = fto.make_setup(config)
   encoder = encoder_shardings = None
   if setup.encoder is not None:
-    from metis_jax.models import w2v_bert  # pylint: disable=import-outside-toplevel
     from metis_jax.training import codec_state  # pylint: disable=import-outside-toplevel
     encoder_shardings = codec_state.encoder_shardings(setup.encoder, mesh, setup.rules)
-    enc = setup.encoder
-    shapes = jax.eval_shape(lambda: codec_state.FrozenEncoder(
-        flax.linen.unbox(w2v_bert.W2VBert(enc).init(jax.random.key(0), jnp.zeros((1, 8, enc.input_dim)))["params"]),
-        jnp.zeros((enc.hidden_size,)), jnp.ones((enc.hidden_size,))))
-    encoder = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                           encoder_shardings)
+    encoder = codec_state.abstract_encoder(setup.encoder, mesh, setup.rules)
   spec = fto.batch_spec(config)  # fine-tune batches have one length, train.seq_length
   jitted = fto.jit_finetune_step(setup, config, mesh, spec, encoder_shardings)
   return StepProgram(jitted, fto.abstract_state(setup, mesh), (fto.abstract_frozen(setup, mesh), encoder), [spec],

@@ -243,6 +243,17 @@ def encoder_shardings(config: w2v_bert.W2VBertConfig, mesh: Mesh, rules: tuple) 
   return FrozenEncoder(params, mesh_lib.replicated(mesh), mesh_lib.replicated(mesh))
 
 
+def abstract_encoder(config: w2v_bert.W2VBertConfig, mesh: Mesh, rules: tuple) -> FrozenEncoder:
+  """The frozen encoder as `jax.ShapeDtypeStruct`s with their shardings: what an ahead-of-time
+  compile takes in place of the weights (nothing is allocated or read)."""
+  hidden = config.hidden_size
+  shapes = jax.eval_shape(lambda: FrozenEncoder(nn.unbox(_encoder_boxed(config, jax.random.key(0))),
+                                                jnp.zeros((hidden,), jnp.float32),
+                                                jnp.ones((hidden,), jnp.float32)))
+  return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                      shapes, encoder_shardings(config, mesh, rules))
+
+
 def create_encoder(setup: CodecSetup, config: ml_collections.ConfigDict, mesh: Mesh) -> Optional[FrozenEncoder]:
   """The frozen feature encoder of a semantic run from audio, sharded on `mesh` (else None).
 

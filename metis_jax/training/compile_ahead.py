@@ -55,6 +55,11 @@ class BucketCompile:
   memory: dict
 
 
+def largest_bucket(buckets: list[BucketCompile]) -> BucketCompile:
+  """The bucket with the most per-device memory (the last one when the backend reports none)."""
+  return max(reversed(buckets), key=lambda b: b.memory.get("total", 0))
+
+
 class AheadCompiled:
   """A jitted step with an executable per batch shape (see the module doc).
 
@@ -82,8 +87,7 @@ class AheadCompiled:
     return executable(state, batch, *rest)
 
   def largest(self) -> BucketCompile:
-    """The bucket with the most per-device memory (the last one when the backend reports none)."""
-    return max(reversed(self.buckets), key=lambda b: b.memory.get("total", 0))
+    return largest_bucket(self.buckets)
 
   def summary(self) -> str:
     """One log line: how many shapes, how long, each bucket's per-device memory, the largest."""

@@ -94,12 +94,12 @@ def windows(examples: Sequence[Example], length: int, min_length: int = 1) -> li
 
 def batches(examples: Sequence[Example], batch_size: int, length: int) -> list[dict[str, np.ndarray]]:
   """Padded batches `[batch_size, length]` (the last one filled with empty rows)."""
-  from metis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from metis_jax.data import bucketing  # pylint: disable=import-outside-toplevel
   out = []
   for s in range(0, len(examples), batch_size):
     group = examples[s:s + batch_size]
     acoustic = [e["acoustic_tokens"] for e in group] if "acoustic_tokens" in group[0] else None
-    out.append(pipeline.pad_batch([e["tokens"] for e in group], batch_size, length, acoustic))
+    out.append(bucketing.pad_batch([e["tokens"] for e in group], batch_size, length, acoustic))
   return out
 
 
