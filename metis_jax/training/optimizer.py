@@ -167,7 +167,7 @@ def fused_adamw(cfg: ml_collections.ConfigDict) -> FusedUpdate:
       new_nu = guard(((1 - b2) * (g ** 2) + b2 * nu).astype(nu.dtype), nu)
       mu_hat = new_mu / (1 - b1 ** count).astype(new_mu.dtype)
       nu_hat = new_nu / (1 - b2 ** count).astype(new_nu.dtype)
-      update = mu_hat / (jnp.sqrt(nu_hat + 0.0) + eps)
+      update = mu_hat / (jnp.sqrt(nu_hat) + eps)  # optax eps_root = 0
       if decays_p and wd:
         update = update + wd * p
       new_p = jnp.asarray(p + jnp.array(step_size, dtype=update.dtype) * update).astype(p.dtype)
