@@ -6,7 +6,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from metis_jax.data import synthetic
@@ -14,10 +13,8 @@ from metis_jax.training import aot_compile
 from metis_jax.training import compile_ahead
 from metis_jax.training import input_pipeline
 from metis_jax.training import loop
-from metis_jax.training import optimizer as optimizer_lib
 from metis_jax.training import state as train_state
 from metis_jax.training import step as step_lib
-from metis_jax.training import update as update_lib
 from metis_jax.parallel import mesh as mesh_lib
 from tests import train_testlib as lib
 
@@ -65,43 +62,6 @@ def test_configured_batch_specs_list_every_bucket_without_reading_data():
   default = lib.tiny_config("train.synthetic_data=False", "data.bucket_lengths=()")
   assert [s["valid"].shape[1] for s in input_pipeline.configured_batch_specs(default)] == [4, 8, 12, 16]
   assert [s["tokens"].shape for s in input_pipeline.configured_batch_specs(lib.tiny_config())] == [(8, 16)]
-
-
-def _clip_reference(max_norm, grads):
-  """optax's own clip (computes the norm itself)."""
-  return optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())[0]
-
-
-@pytest.mark.parametrize("max_norm", [0.5, 100.0])
-def test_clip_with_the_given_norm_equals_optax_clip(max_norm):
-  rng = np.random.default_rng(0)
-  grads = {"a": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32), "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}
-  clip = optimizer_lib.clip_by_global_norm(max_norm)
-  state = clip.init(grads)
-  assert state == optax.EmptyState()
-  given, _ = clip.update(grads, state, None, grad_norm=optax.tree.norm(grads))
-  computed, _ = clip.update(grads, state)
-  for ours in (given, computed):
-    jax.tree.map(np.testing.assert_array_equal, ours, _clip_reference(max_norm, grads))
-  norm = float(np.sqrt(sum(float((np.asarray(g) ** 2).sum()) for g in grads.values())))
-  assert abs(float(optax.tree.norm(given)) - min(norm, max_norm)) < 1e-5 * norm
-
-
-def test_the_guarded_update_feeds_its_norm_to_the_clip():
-  cfg = lib.tiny_config("train.grad_clip_norm=0.1", "train.weight_decay=0.1").train
-  tx = optimizer_lib.make_optimizer(cfg)
-  params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros((4,))}}
-  grads = {"dense": {"kernel": jnp.full((4, 4), 2.0), "bias": jnp.full((4,), -1.0)}}
-  new, _, norm, skipped = update_lib.guarded_update(tx, grads, tx.init(params), params, jnp.float32(1.0), True)
-  assert abs(float(norm) - np.sqrt(16 * 4 + 4)) < 1e-5 and not bool(skipped)
-  # optax's clip (which computes the norm itself) -> the same AdamW: the same parameters.
-  reference = optax.chain(optax.clip_by_global_norm(0.1), optax.adamw(
-      optimizer_lib.learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-      weight_decay=cfg.weight_decay, mask=optimizer_lib.weight_decay_mask))
-  updates, _ = reference.update(grads, reference.init(params), params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9), new,
-               optax.apply_updates(params, updates))
-  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(reference.init(params))  # checkpoint layout
 
 
 @pytest.fixture(scope="module")

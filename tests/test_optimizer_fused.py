@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from metis_jax.training import optimizer, update
@@ -27,12 +28,28 @@ def _grads(step: int, scale: float):
   return jax.tree.map(lambda p: scale * jax.random.normal(next(keys), p.shape), _params())
 
 
+def _reference_step(cfg):
+  """optax's chain: `update` + `optax.apply_updates`, kept unchanged on a non-finite loss or norm."""
+  tx = optimizer.adamw_chain(cfg)
+
+  def step(g, s, p, loss):
+    norm = optax.tree.norm(g)
+    updates, new_s = tx.update(g, s, p)
+    ok = jnp.isfinite(loss) & jnp.isfinite(norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return keep(optax.apply_updates(p, updates), p), keep(new_s, s), norm, ~ok
+
+  return step
+
+
 def _run(cfg, use_fused: bool, scales, losses):
-  tx = optimizer.make_optimizer(cfg)
+  opt = optimizer.make_optimizer(cfg)
   params = _params()
-  state = tx.init(params)
-  fused = optimizer.fused_adamw(cfg) if use_fused else None
-  step = jax.jit(lambda g, s, p, loss: update.guarded_update(tx, g, s, p, loss, True, fused=fused))
+  state = opt.init(params)
+  if use_fused:
+    step = jax.jit(lambda g, s, p, loss: update.guarded_update(opt, g, s, p, loss, True))
+  else:
+    step = jax.jit(_reference_step(cfg))
   skipped = []
   for i, (scale, loss) in enumerate(zip(scales, losses)):
     params, state, _, skip = step(_grads(i, scale), state, params, jnp.float32(loss))
@@ -68,12 +85,29 @@ def test_fewer_temporaries_than_the_optax_path():
   """The point of fusing: XLA's temp buffer for an update of ~8 MiB of parameters."""
   cfg = _train_cfg(1.0)
   params = {f"l{i}": {"kernel": jnp.ones((512, 512))} for i in range(8)}
-  tx = optimizer.make_optimizer(cfg)
-  state = tx.init(params)
+  opt = optimizer.make_optimizer(cfg)
+  state = opt.init(params)
 
-  def temp_bytes(fused):
-    fn = jax.jit(lambda g, s, p: update.guarded_update(tx, g, s, p, jnp.float32(1), True,
-                                                       fused=fused)[:2], donate_argnums=(1, 2))
+  def temp_bytes(step):
+    fn = jax.jit(lambda g, s, p: step(g, s, p, jnp.float32(1))[:2], donate_argnums=(1, 2))
     return fn.lower(params, state, params).compile().memory_analysis().temp_size_in_bytes
 
-  assert temp_bytes(optimizer.fused_adamw(cfg)) < temp_bytes(None)
+  fused = lambda g, s, p, loss: update.guarded_update(opt, g, s, p, loss, True)
+  assert temp_bytes(fused) < temp_bytes(_reference_step(cfg))
+
+
+def test_the_guarded_update_clips_with_its_norm_like_optax():
+  """A clip of 0.1 against a norm of about 8.2: the norm computed once for the metrics and the
+  finiteness check is the one that clips, and the result is optax's clip -> AdamW."""
+  cfg = _train_cfg(0.1)
+  params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros((4,))}}
+  grads = {"dense": {"kernel": jnp.full((4, 4), 2.0), "bias": jnp.full((4,), -1.0)}}
+  opt = optimizer.make_optimizer(cfg)
+  new, state, norm, skipped = update.guarded_update(opt, grads, opt.init(params), params, jnp.float32(1.0), True)
+  assert abs(float(norm) - np.sqrt(16 * 4 + 4)) < 1e-5 and not bool(skipped)
+  want, want_state, _, _ = _reference_step(cfg)(grads, opt.init(params), params, jnp.float32(1.0))
+  for got, ref in zip(jax.tree.leaves((new, state)), jax.tree.leaves((want, want_state))):
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
+  # The clipped first moment is (1 - b1) * g * 0.1 / norm.
+  np.testing.assert_allclose(optimizer._find_state(state, optax.ScaleByAdamState).mu["dense"]["kernel"],
+                             0.1 * 2.0 * 0.1 / np.sqrt(68.0), rtol=1e-5)  # pylint: disable=protected-access

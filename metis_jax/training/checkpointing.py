@@ -21,7 +21,6 @@ timeout. Damaged checkpoints newer than the one restored are moved to
 `<checkpoints>_damaged/` so later saves of those steps stay consistent.
 """
 
-import os
 import signal
 import threading
 import time

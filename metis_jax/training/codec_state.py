@@ -70,7 +70,7 @@ class CodecSetup:
     codec: the codec module (the generator).
     codec_config: its dataclass config.
     disc: the discriminators (acoustic codec) or None.
-    txs: {network: optimizer}.
+    optimizers: {network: its `optimizer.Optimizer`}.
     rules: logical axis rules.
     sample_rate: rate of the training audio (24 kHz acoustic, 16 kHz semantic).
     crop: samples per audio crop (or frames per synthetic feature crop).
@@ -81,7 +81,7 @@ class CodecSetup:
   codec: nn.Module
   codec_config: Any
   disc: Optional[nn.Module]
-  txs: dict
+  optimizers: dict
   rules: tuple
   sample_rate: int
   crop: int
@@ -155,8 +155,8 @@ def make_setup(config: ml_collections.ConfigDict) -> CodecSetup:
     codec_cfg = ac.AcousticCodecConfig.from_config(config.model)
     disc = discriminators.CodecDiscriminator(tuple(t.mpd_periods), tuple(t.mrd_ffts), t.disc_channels,
                                              t.disc_max_channels)
-    txs = {GENERATOR: optimizer_lib.make_optimizer(t), DISCRIMINATOR: optimizer_lib.make_optimizer(t)}
-    return CodecSetup(kind, ac.AcousticCodec(codec_cfg), codec_cfg, disc, txs, rules, codec_cfg.sample_rate,
+    optimizers = {GENERATOR: optimizer_lib.make_optimizer(t), DISCRIMINATOR: optimizer_lib.make_optimizer(t)}
+    return CodecSetup(kind, ac.AcousticCodec(codec_cfg), codec_cfg, disc, optimizers, rules, codec_cfg.sample_rate,
                       acoustic_crop(t, codec_cfg))
   if kind == sc.KIND:
     codec_cfg = sc.SemanticCodecConfig.from_config(config.model)
@@ -196,7 +196,7 @@ def init_fn(setup: CodecSetup, seed: int, boxed: bool = False) -> Callable[[], C
     c = setup.codec_config
     return CodecTrainState(
         step=jnp.zeros((), jnp.int32), params=params,
-        opt_state={k: setup.txs[k].init(params[k]) for k in setup.networks},
+        opt_state={k: setup.optimizers[k].init(params[k]) for k in setup.networks},
         rng=jax.random.key_data(run_key),
         skipped_steps={k: jnp.zeros((), jnp.int32) for k in setup.networks},
         usage=jnp.zeros((c.num_quantizers, c.codebook_size), jnp.float32))

@@ -209,8 +209,8 @@ def semantic_step(state: CodecTrainState, batch: Batch, encoder: Any, *, setup: 
 
   (loss, (rec, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   new_params, opt_state, grad_norm, skipped = update_lib.guarded_update(
-      setup.txs[GENERATOR], grads, state.opt_state[GENERATOR], params, loss, t.skip_nonfinite,
-      state.step + 1 == t.inject_nan_at_step, fused=optimizer_lib.fused_adamw(t))
+      setup.optimizers[GENERATOR], grads, state.opt_state[GENERATOR], params, loss, t.skip_nonfinite,
+      state.step + 1 == t.inject_nan_at_step)
   new_params, usage, batch_usage, restarted = maybe_restart(
       new_params, state.usage, out.codes, out.vq.z_e, valid, step_key(state), state.step, ~skipped, setup.kind,
       t, c.codebook_size)
@@ -267,8 +267,8 @@ def generator_step(state: CodecTrainState, batch: Batch, *, setup: CodecSetup,
 
   (loss, (terms, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   new_params, opt_state, grad_norm, skipped = update_lib.guarded_update(
-      setup.txs[GENERATOR], grads, state.opt_state[GENERATOR], params, loss, t.skip_nonfinite,
-      state.step + 1 == t.inject_nan_at_step, fused=optimizer_lib.fused_adamw(t))
+      setup.optimizers[GENERATOR], grads, state.opt_state[GENERATOR], params, loss, t.skip_nonfinite,
+      state.step + 1 == t.inject_nan_at_step)
   new_params, usage, batch_usage, restarted = maybe_restart(
       new_params, state.usage, out.codes, out.z_e, out.frame_valid, restart_key, state.step, ~skipped,
       setup.kind, t, c.codebook_size)
@@ -302,8 +302,8 @@ def discriminator_step(state: CodecTrainState, batch: Batch, fake: jax.Array, *,
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
   new_params, opt_state, grad_norm, skipped = update_lib.guarded_update(
-      setup.txs[DISCRIMINATOR], grads, state.opt_state[DISCRIMINATOR], params, loss, t.skip_nonfinite,
-      fused=optimizer_lib.fused_adamw(t))
+      setup.optimizers[DISCRIMINATOR], grads, state.opt_state[DISCRIMINATOR], params, loss,
+      t.skip_nonfinite)
   skipped_steps = dict(state.skipped_steps)
   skipped_steps[DISCRIMINATOR] = skipped_steps[DISCRIMINATOR] + skipped.astype(jnp.int32)
   new_state = state.replace(params=dict(state.params, **{DISCRIMINATOR: new_params}),

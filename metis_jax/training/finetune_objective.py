@@ -159,7 +159,7 @@ class FinetuneSetup:
 
   Attributes:
     model: the fine-tuned `MetisModel` (base + LoRA / adapter / phones).
-    tx: optimizer of the trainable subset.
+    optimizer: optimizer of the trainable subset.
     rules: logical axis rules.
     task: one of TASKS.
     trainable: `finetune.trainable` spec.
@@ -170,7 +170,7 @@ class FinetuneSetup:
       audio features are computed in the step).
   """
   model: metis.MetisModel
-  tx: Any
+  optimizer: optimizer_lib.Optimizer
   rules: tuple
   task: str
   trainable: str
@@ -219,7 +219,7 @@ def make_setup(config: ml_collections.ConfigDict, with_encoder: bool = True) -> 
     encoder = codec_state.encoder_config(config)
   return FinetuneSetup(
       model=metis.MetisModel(metis.MetisConfig.from_config(config.model)),
-      tx=optimizer_lib.make_optimizer(config.train), rules=mesh_lib.logical_rules(config),
+      optimizer=optimizer_lib.make_optimizer(config.train), rules=mesh_lib.logical_rules(config),
       task=f.task, trainable=f.trainable, masking=masking.MaskingConfig.from_config(config.masking),
       prompt_drop_prob=float(f.prompt_drop_prob), cond_feature=config.model.cond_feature, encoder=encoder)
 
@@ -248,7 +248,7 @@ def init_fn(setup: FinetuneSetup, seed: int, boxed: bool = False):
     variables = setup.model.init(init_rng, **setup.model.init_inputs())
     params = variables["params"] if boxed else nn.unbox(variables["params"])
     train = select(params, mask, True)
-    return FinetuneState(step=jnp.zeros((), jnp.int32), params=train, opt_state=setup.tx.init(train),
+    return FinetuneState(step=jnp.zeros((), jnp.int32), params=train, opt_state=setup.optimizer.init(train),
                          rng=jax.random.key_data(run_rng), skipped_steps=jnp.zeros((), jnp.int32),
                          base_hash=jnp.zeros((8,), jnp.uint32))
 
@@ -445,7 +445,7 @@ def finetune_step(state: FinetuneState, batch: Batch, frozen: dict, encoder: Any
 
   # value_and_grad in the first argument (the trainable tree) only.
   sums = step_lib.accumulate_gradients(loss_fn, state.params, (micro, dropout_keys), num_micro)
-  new_state, metrics = step_lib.apply_token_mean_update(state, setup.tx, cfg, sums)
+  new_state, metrics = step_lib.apply_token_mean_update(state, setup.optimizer, cfg, sums)
   metrics = dict(metrics, valid_tokens=valid.sum().astype(jnp.float32),
                  prompt_dropped=dropped.sum().astype(jnp.float32))
   return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)

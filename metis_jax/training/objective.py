@@ -25,7 +25,7 @@ skips it, the state counts it (`skipped_steps`) and the metrics say so
 Fine-tuning (frozen base, trainable subset; `finetune_objective.py`) is one more objective,
 without changes to the loop: `create_state`/`abstract_state` hold only the
 trainable subset (LoRA factors, the frame-level adapter) and the optimizer
-state of that subset (its own `tx`), so checkpoints carry only what changes;
+state of that subset (its own optimizer), so checkpoints carry only what changes;
 `compile` loads the frozen base parameters once, sharded by the same logical
 rules (as `codec_objective` does with the frozen w2v-BERT encoder of the
 semantic codec), and binds them to the jitted step as a separate,

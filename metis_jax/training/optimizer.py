@@ -1,11 +1,16 @@
 """AdamW with warmup + cosine/linear decay, gradient clipping and a weight-decay mask.
 
-Gradient accumulation is not an optax wrapper here: `train_step` scans over
+`adamw_chain` defines it with optax (and so the optimizer state checkpoints hold);
+`fused_adamw` computes the same update leaf by leaf, with the non-finite guard
+inside; `make_optimizer` pairs the two as the `Optimizer` every step uses.
+
+Gradient accumulation is not an optax wrapper here: the step scans over
 micro-batches and sums their gradients before a single update (see
-`train_step.accumulate_gradients`), which keeps the loss normalization exact
+`step.accumulate_gradients`), which keeps the loss normalization exact
 and the optimizer state free of accumulation buffers.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -79,37 +84,19 @@ def weight_decay_mask(params: Any) -> Any:
       lambda path, x: decays(_path_names(path), jnp.ndim(x)), unboxed)
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-  """`optax.clip_by_global_norm` that can reuse the norm the step already computed.
+def adamw_chain(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """optax's clip_by_global_norm -> AdamW (decoupled decay on the mask above), scheduled.
 
-  `update(updates, state, params, grad_norm=norm)` clips with `norm` (the caller's
-  `optax.tree.norm(updates)`, as `update.guarded_update` computes for its metrics and its
-  finiteness check) instead of computing it a second time; without `grad_norm` it computes
-  it. Same state (`EmptyState`, so checkpoints keep their layout) and the same arithmetic
-  as optax's: updates are kept when norm < max_norm, else scaled by max_norm / norm.
-  """
-
-  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
-    del params, extra_args
-    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
-    keep = jnp.squeeze(norm < max_norm)
-    clip = lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm)
-    return jax.tree.map(clip, updates), state
-
-  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """clip_by_global_norm -> AdamW (decoupled decay on the mask above), scheduled.
-
-  The update takes the global gradient norm as `grad_norm=` (see `clip_by_global_norm`).
+  The reference definition of the optimizer: its `init` makes the state every
+  checkpoint holds, and `fused_adamw` computes its `update` + `optax.apply_updates`
+  (`tests/test_optimizer_fused.py` checks the two against each other).
 
   Args:
     cfg: `config.train`.
   """
   parts = []
   if cfg.grad_clip_norm > 0:
-    parts.append(clip_by_global_norm(cfg.grad_clip_norm))
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                            mask=weight_decay_mask))
@@ -121,10 +108,10 @@ FusedUpdate = Callable[[Any, Any, Any, jax.Array, jax.Array], tuple[Any, Any]]
 
 
 def fused_adamw(cfg: ml_collections.ConfigDict) -> FusedUpdate:
-  """`make_optimizer(cfg)`'s update and `optax.apply_updates`, computed leaf by leaf, guarded.
+  """`adamw_chain(cfg)`'s update and `optax.apply_updates`, computed leaf by leaf, guarded.
 
   Same state (the optax chain's, so checkpoints keep their layout) and the same
-  arithmetic as `tx.update` followed by `optax.apply_updates` (`tests/test_optimizer_fused.py`
+  arithmetic as the chain's `update` followed by `optax.apply_updates` (`tests/test_optimizer_fused.py`
   checks it against optax step by step), but each parameter's clip, moments, bias
   correction, decay and step are one elementwise expression of (g, mu, nu, p), and
   the "skip a non-finite update" guard selects inside it. Written through optax's
@@ -149,9 +136,9 @@ def fused_adamw(cfg: ml_collections.ConfigDict) -> FusedUpdate:
         opt_state, optax.ScaleByScheduleState)
     count = optax.safe_increment(adam.count)
     step_size = -1 * schedule(sched.count)  # as optax.scale_by_learning_rate
-    # The clip of `clip_by_global_norm` as one scalar factor (1 below the threshold):
-    # `g * factor` rather than a select between g and (g / norm) max_norm, which made
-    # XLA materialize the clipped gradients (equal to rounding).
+    # optax's clip_by_global_norm as one scalar factor (1 below the threshold), from the
+    # norm the caller already computed: `g * factor` rather than a select between g and
+    # (g / norm) max_norm, which made XLA materialize the clipped gradients (equal to rounding).
     clip = (None if max_norm <= 0 else
             jnp.where(jnp.squeeze(grad_norm < max_norm), 1.0, max_norm / grad_norm))
     decay_mask = weight_decay_mask(params)
@@ -182,6 +169,24 @@ def fused_adamw(cfg: ml_collections.ConfigDict) -> FusedUpdate:
                                                 optax.ScaleByScheduleState: new_sched})
 
   return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """The optimizer of `config.train`, as every training step uses it.
+
+  Attributes:
+    init: params -> optimizer state (`adamw_chain`'s, so checkpoints keep optax's layout).
+    apply: `fused_adamw`'s guarded update,
+      `(grads, opt_state, params, grad_norm, ok) -> (new params, new opt_state)`.
+  """
+  init: Callable[[Any], Any]
+  apply: FusedUpdate
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> Optimizer:
+  """The `Optimizer` of `cfg` (`config.train`): `adamw_chain`'s state, `fused_adamw`'s update."""
+  return Optimizer(init=adamw_chain(cfg).init, apply=fused_adamw(cfg))
 
 
 def _find_state(opt_state, kind):

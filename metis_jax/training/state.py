@@ -14,7 +14,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from jax.sharding import Mesh, NamedSharding
 
 from metis_jax.parallel import mesh as mesh_lib
@@ -48,11 +47,11 @@ class Setup:
 
   Attributes:
     objective: what is trained (`train_objectives`, by `config.model.kind`).
-    tx: the optimizer.
+    optimizer: the optimizer (`optimizer.make_optimizer`).
     rules: logical axis rules.
   """
   objective: Any
-  tx: optax.GradientTransformation
+  optimizer: optimizer_lib.Optimizer
   rules: tuple
 
   @property
@@ -63,7 +62,7 @@ class Setup:
 def make_setup(config: ml_collections.ConfigDict) -> Setup:
   """Objective (model), optimizer and logical axis rules of `config`."""
   return Setup(objective=train_objectives.make_objective(config),
-               tx=optimizer_lib.make_optimizer(config.train), rules=mesh_lib.logical_rules(config))
+               optimizer=optimizer_lib.make_optimizer(config.train), rules=mesh_lib.logical_rules(config))
 
 
 def init_fn(setup: Setup, seed: int, boxed: bool = False) -> Callable[[], TrainState]:
@@ -79,7 +78,7 @@ def init_fn(setup: Setup, seed: int, boxed: bool = False) -> Callable[[], TrainS
     variables = setup.model.init(init_rng, **setup.model.init_inputs())
     params = variables["params"] if boxed else nn.unbox(variables["params"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=setup.tx.init(params), rng=jax.random.key_data(run_rng),
+                      opt_state=setup.optimizer.init(params), rng=jax.random.key_data(run_rng),
                       skipped_steps=jnp.zeros((), jnp.int32))
 
   return init

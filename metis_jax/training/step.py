@@ -109,19 +109,19 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, setup: Setup,
     return objective.loss(params, mb[0], mb[1], shared)
 
   sums = accumulate_gradients(loss_fn, state.params, micro, num_micro)
-  new_state, metrics = apply_token_mean_update(state, setup.tx, cfg, sums)
+  new_state, metrics = apply_token_mean_update(state, setup.optimizer, cfg, sums)
   metrics = dict(metrics, valid_tokens=valid.sum().astype(jnp.float32), **shared)
   return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
 
-def apply_token_mean_update(state, tx, cfg: ml_collections.ConfigDict, sums):
+def apply_token_mean_update(state, optimizer, cfg: ml_collections.ConfigDict, sums):
   """Gradient sums over the scored tokens -> guarded update of `state.params`.
 
   Shared by every masked-token step (pre-training, S2A, fine-tunes).
 
   Args:
     state: a state with `step`, `params`, `opt_state`, `skipped_steps`.
-    tx: its optimizer.
+    optimizer: its `optimizer.Optimizer`.
     cfg: `config.train` (`inject_nan_at_step`, `skip_nonfinite`, the schedule).
     sums: `accumulate_gradients`' ((loss sum, (correct, count)), gradient sum).
 
@@ -135,8 +135,7 @@ def apply_token_mean_update(state, tx, cfg: ml_collections.ConfigDict, sums):
   grads = jax.tree.map(lambda g: g / denom, grad_sum)
   poison = state.step + 1 == cfg.inject_nan_at_step if cfg.inject_nan_at_step >= 0 else None
   new_params, new_opt_state, grad_norm, skipped = update_lib.guarded_update(
-      tx, grads, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison,
-      fused=optimizer_lib.fused_adamw(cfg))
+      optimizer, grads, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison)
   skipped_steps = state.skipped_steps + skipped.astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
                             skipped_steps=skipped_steps)
