@@ -145,7 +145,7 @@ def jax_runner(spec: dict):
 
   if kind == "t2s_train":
     from metis_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-    from metis_jax.training import input_pipeline, state as train_state, step as step_lib  # pylint: disable=import-outside-toplevel
+    from metis_jax.training import compile_ahead, input_pipeline, state as train_state, step as step_lib  # pylint: disable=import-outside-toplevel
     config = t2s_config(spec["size"], False, [
         "train.synthetic_data=True", "mesh.fsdp=-1", "mesh.dcn_data=1",
         f"train.global_batch_size={spec['batch']}", f"train.seq_length={spec['length']}",
@@ -154,8 +154,11 @@ def jax_runner(spec: dict):
     setup = train_state.make_setup(config)
     holder = {"state": train_state.create_sharded_state(setup, mesh, config.seed)}
     batch_spec = input_pipeline.batch_spec(config)
-    step_fn = step_lib.jit_train_step(setup, config, mesh, train_state.state_shardings(setup, mesh),
-                                      batch_spec)
+    jitted = step_lib.jit_train_step(setup, config, mesh, train_state.state_shardings(setup, mesh),
+                                     batch_spec)
+    # As the training loop does: compiled ahead of the first step (which also hands the
+    # compiler's freed host memory back, `host_memory.release_freed`).
+    step_fn = compile_ahead.compile_ahead(jitted, holder["state"], [batch_spec])
     batch = next(input_pipeline.make_train_iterator(config, mesh))
 
     def run():

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import jax
 from absl import logging
 
+from metis_jax.training import host_memory
 from metis_jax.training import metrics as metrics_lib
 
 # Compiles run in threads (XLA releases the GIL); more at once costs host memory.
@@ -82,6 +83,7 @@ class AheadCompiled:
       logging.warning("batch %s was not compiled ahead (known: %s); compiling it now",
                       describe_spec(batch), [b.shape for b in self.buckets])
       executable = self.jitted.lower(state, batch, *rest).compile()
+      host_memory.release_freed()
       self.executables[key] = executable
       self.late_compiles += 1
     return executable(state, batch, *rest)
@@ -119,4 +121,6 @@ def compile_ahead(jitted: Any, state: Any, specs: Sequence[dict[str, Any]], *res
     executables = {key: f.result() for key, f in futures.items()}
   buckets = [BucketCompile(describe_spec(unique[key]), metrics_lib.memory_summary(executables[key]))
              for key in unique]
+  # The compiler's freed host memory back to the OS before the steps allocate theirs.
+  host_memory.release_freed()
   return AheadCompiled(jitted, executables, buckets, time.perf_counter() - started)
