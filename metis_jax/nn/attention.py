@@ -185,6 +185,19 @@ def _merge_blocks(x: jax.Array, axis: int, length: int) -> jax.Array:
   return jax.lax.slice_in_dim(x, 0, length, axis=axis)
 
 
+def _heads_first(x: jax.Array) -> jax.Array:
+  """`[batch, length, heads, head_dim]` -> `[batch, heads, length, head_dim]`."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _scores_hm(q, k, mask):
+  """`_scores` of head-major `[batch, heads, length, head_dim]` q and k."""
+  scores = jnp.einsum("bnth,bnsh->bnts", q, k, precision=_dot_precision(q.dtype),
+                      preferred_element_type=jnp.float32)
+  scores = scores * jnp.float32(1.0 / np.sqrt(q.shape[-1]))
+  return jnp.where(mask, scores, jnp.float32(_large_negative()))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _blocked_attention(q, k, v, mask, blocks):
   """`[batch, length, heads, head_dim]` attention over `blocks` query blocks; mask 4-D."""
@@ -193,19 +206,31 @@ def _blocked_attention(q, k, v, mask, blocks):
 
 
 def _blocked_forward(q, k, v, mask, blocks):
-  """`_attend` one block of query rows at a time, so each block's scores stay in cache."""
+  """`_attend` one block of query rows at a time, so each block's scores stay in cache.
+
+  q, k and v go head-major (`[batch, heads, length, head_dim]`) once, ahead of the
+  blocks: the block products are then plain batched matmuls, with no per-block
+  transpose of the keys and values.
+  """
   length = q.shape[1]
-  q_blocks = _query_blocks(q, blocks, 1)
+  q_blocks = _query_blocks(_heads_first(q), blocks, 2)
+  k, v = _heads_first(k), _heads_first(v)
   per_query_mask = mask.shape[2] != 1
   mask_blocks = _query_blocks(mask, blocks, 2) if per_query_mask else None
 
   def block(_, xs):
     q_b, mask_b = xs
-    out, peak, total = _attend(q_b, k, v, mask_b if per_query_mask else mask)
-    return None, (out, peak, total)
+    scores = _scores_hm(q_b, k, mask_b if per_query_mask else mask)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - peak)                    # [batch, heads, bq, k], unnormalized
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bnts,bnsh->bnth", weights.astype(v.dtype), v,
+                     precision=_dot_precision(v.dtype), preferred_element_type=jnp.float32)
+    return None, (out / total, peak, total)
 
   _, (out, peak, total) = jax.lax.scan(block, None, (q_blocks, mask_blocks))
-  return _merge_blocks(out, 1, length).astype(q.dtype), (out, peak, total)
+  merged = jnp.swapaxes(_merge_blocks(out, 2, length), 1, 2)
+  return merged.astype(q.dtype), (out, peak, total)
 
 
 def _blocked_fwd(q, k, v, mask, blocks):
@@ -214,13 +239,15 @@ def _blocked_fwd(q, k, v, mask, blocks):
 
 
 def _blocked_bwd(blocks, residuals, d_out):
-  """Softmax attention's gradient, recomputing each query block's probabilities."""
+  """Softmax attention's gradient, recomputing each query block's probabilities (head-major)."""
   q, k, v, mask, out_blocks, peak, total = residuals
   length = q.shape[1]
   scale = jnp.float32(1.0 / np.sqrt(q.shape[-1]))
   per_query_mask = mask.shape[2] != 1
   mask_blocks = _query_blocks(mask, blocks, 2) if per_query_mask else None
-  d_out_blocks = _query_blocks(d_out.astype(jnp.float32), blocks, 1)
+  d_out_blocks = _query_blocks(_heads_first(d_out.astype(jnp.float32)), blocks, 2)
+  q_blocks = _query_blocks(_heads_first(q), blocks, 2)
+  k_hm, v_hm = _heads_first(k), _heads_first(v)
   precision = _dot_precision(q.dtype)
   dot = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
 
@@ -228,23 +255,23 @@ def _blocked_bwd(blocks, residuals, d_out):
     dk, dv = carry
     q_b, mask_b, out_b, peak_b, total_b, d_out_b = xs
     mask_b = mask_b if per_query_mask else mask
-    probs = jnp.exp(_scores(q_b, k, mask_b) - peak_b) / total_b      # [batch, heads, bq, k]
+    probs = jnp.exp(_scores_hm(q_b, k_hm, mask_b) - peak_b) / total_b   # [batch, heads, bq, k]
     d_out_c = d_out_b.astype(v.dtype)
-    dv = dv + dot("bnts,btnh->bsnh", probs.astype(v.dtype), d_out_c)
-    d_probs = dot("btnh,bsnh->bnts", d_out_c, v)
-    delta = jnp.swapaxes(jnp.sum(d_out_b * out_b, axis=-1), 1, 2)[..., None]
+    dv = dv + dot("bnts,bnth->bnsh", probs.astype(v.dtype), d_out_c)
+    d_probs = dot("bnth,bnsh->bnts", d_out_c, v_hm)
+    delta = jnp.sum(d_out_b * out_b, axis=-1, keepdims=True)
     d_scores = jnp.where(mask_b, probs * (d_probs - delta), 0.0) * scale
     d_scores = d_scores.astype(q.dtype)
-    dq_b = dot("bnts,bsnh->btnh", d_scores, k)
-    dk = dk + dot("bnts,btnh->bsnh", d_scores, q_b)
+    dq_b = dot("bnts,bnsh->bnth", d_scores, k_hm)
+    dk = dk + dot("bnts,bnth->bnsh", d_scores, q_b)
     return (dk, dv), dq_b
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
+  zeros = jnp.zeros(k_hm.shape, jnp.float32)
   (dk, dv), dq = jax.lax.scan(
-      block, (zeros, zeros),
-      (_query_blocks(q, blocks, 1), mask_blocks, out_blocks, peak, total, d_out_blocks))
-  dq = _merge_blocks(dq, 1, length)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+      block, (zeros, zeros), (q_blocks, mask_blocks, out_blocks, peak, total, d_out_blocks))
+  dq = _heads_first(_merge_blocks(dq, 2, length))
+  return (dq.astype(q.dtype), _heads_first(dk).astype(k.dtype), _heads_first(dv).astype(v.dtype),
+          None)
 
 
 _blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)
