@@ -144,8 +144,9 @@ def _dot_precision(dtype):
 
 
 def _scores(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
-  """`[batch, heads, q, k]` float32 scaled scores, masked keys set to JAX's fill."""
-  scores = jnp.einsum("btnh,bsnh->bnts", q, k, precision=_dot_precision(q.dtype),
+  """`[batch, heads, q, k]` float32 scaled scores of head-major `[batch, heads, length,
+  head_dim]` q and k, masked keys set to JAX's fill."""
+  scores = jnp.einsum("bnth,bnsh->bnts", q, k, precision=_dot_precision(q.dtype),
                       preferred_element_type=jnp.float32)
   scores = scores * jnp.float32(1.0 / np.sqrt(q.shape[-1]))
   if mask is not None:
@@ -154,18 +155,28 @@ def _scores(q: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
 
 
 def _attend(q, k, v, mask):
-  """Softmax attention normalized after the value product.
+  """Softmax attention normalized after the value product, of head-major q, k, v.
 
-  Returns `[batch, q, heads, head_dim]` float32 outputs, and the row max and
-  row sum of the exponentials, each `[batch, heads, q, 1]`.
+  Args:
+    q, k, v: `[batch, heads, length, head_dim]`.
+    mask: broadcastable to `[batch, heads, q, k]`, or None.
+
+  Returns:
+    `[batch, heads, q, head_dim]` float32 outputs, and the row max and row sum
+    of the exponentials, each `[batch, heads, q, 1]`.
   """
   scores = _scores(q, k, mask)
   peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
   weights = jnp.exp(scores - peak)                      # [batch, heads, q, k], unnormalized
   total = jnp.sum(weights, axis=-1, keepdims=True)
-  out = jnp.einsum("bnts,bsnh->bnth", weights.astype(v.dtype), v,
+  out = jnp.einsum("bnts,bnsh->bnth", weights.astype(v.dtype), v,
                    precision=_dot_precision(v.dtype), preferred_element_type=jnp.float32)
-  return jnp.swapaxes(out / total, 1, 2), peak, total
+  return out / total, peak, total
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+  """`[batch, length, heads, head_dim]` <-> `[batch, heads, length, head_dim]`."""
+  return jnp.swapaxes(x, 1, 2)
 
 
 def _query_blocks(x: jax.Array, blocks: int, axis: int) -> jax.Array:
@@ -183,19 +194,6 @@ def _merge_blocks(x: jax.Array, axis: int, length: int) -> jax.Array:
   x = jnp.moveaxis(x, 0, axis)
   x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
   return jax.lax.slice_in_dim(x, 0, length, axis=axis)
-
-
-def _heads_first(x: jax.Array) -> jax.Array:
-  """`[batch, length, heads, head_dim]` -> `[batch, heads, length, head_dim]`."""
-  return jnp.swapaxes(x, 1, 2)
-
-
-def _scores_hm(q, k, mask):
-  """`_scores` of head-major `[batch, heads, length, head_dim]` q and k."""
-  scores = jnp.einsum("bnth,bnsh->bnts", q, k, precision=_dot_precision(q.dtype),
-                      preferred_element_type=jnp.float32)
-  scores = scores * jnp.float32(1.0 / np.sqrt(q.shape[-1]))
-  return jnp.where(mask, scores, jnp.float32(_large_negative()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -220,13 +218,7 @@ def _blocked_forward(q, k, v, mask, blocks):
 
   def block(_, xs):
     q_b, mask_b = xs
-    scores = _scores_hm(q_b, k, mask_b if per_query_mask else mask)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    weights = jnp.exp(scores - peak)                    # [batch, heads, bq, k], unnormalized
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bnts,bnsh->bnth", weights.astype(v.dtype), v,
-                     precision=_dot_precision(v.dtype), preferred_element_type=jnp.float32)
-    return None, (out / total, peak, total)
+    return None, _attend(q_b, k, v, mask_b if per_query_mask else mask)
 
   _, (out, peak, total) = jax.lax.scan(block, None, (q_blocks, mask_blocks))
   merged = jnp.swapaxes(_merge_blocks(out, 2, length), 1, 2)
@@ -255,7 +247,7 @@ def _blocked_bwd(blocks, residuals, d_out):
     dk, dv = carry
     q_b, mask_b, out_b, peak_b, total_b, d_out_b = xs
     mask_b = mask_b if per_query_mask else mask
-    probs = jnp.exp(_scores_hm(q_b, k_hm, mask_b) - peak_b) / total_b   # [batch, heads, bq, k]
+    probs = jnp.exp(_scores(q_b, k_hm, mask_b) - peak_b) / total_b   # [batch, heads, bq, k]
     d_out_c = d_out_b.astype(v.dtype)
     dv = dv + dot("bnts,bnth->bnsh", probs.astype(v.dtype), d_out_c)
     d_probs = dot("bnth,bnsh->bnts", d_out_c, v_hm)
@@ -320,8 +312,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.A
   if kv_lengths is not None:
     mask = (jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None])[:, None, None, :]
   if blocks <= 1:
-    out, _, _ = _attend(q, k, v, mask)
-    return out.astype(q.dtype)
+    out, _, _ = _attend(_heads_first(q), _heads_first(k), _heads_first(v), mask)
+    return _heads_first(out).astype(q.dtype)
   if mask is None:
     mask = jnp.ones((1, 1, 1, k.shape[1]), bool)
   mask = jnp.asarray(mask).reshape((1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))
