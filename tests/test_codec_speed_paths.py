@@ -2,7 +2,8 @@
 
 - `conv.depthwise_conv1d` (shifted multiply-adds) against a numpy loop over taps,
   and `Conv1d(groups=channels)` against the grouped `conv_general_dilated`.
-- `quantizer.first_argmin` (blocked) against numpy's argmin, ties and NaN included.
+- `quantizer.first_argmin` (blocked) against numpy's argmin, ties and NaN included, and
+  `nearest_code`'s NaN rule (decided on the latents and codes) against argmin of the table.
 - `vocos.gelu_erf` against the float64 erf formula.
 """
 
@@ -81,6 +82,35 @@ def test_nearest_code_agrees_with_a_numpy_cosine_search():
   cn = c / np.linalg.norm(c.astype(np.float64), axis=-1, keepdims=True)
   want = np.argmax(en @ cn.T, axis=-1)  # random data: no near-ties at float32 resolution
   np.testing.assert_array_equal(np.asarray(vq.nearest_code(e, c)), want)
+
+
+def _plain_nearest_code(e, c):
+  """The search as written in the original: argmin of |e|^2 - 2 e.c + |c|^2 over normalized rows."""
+  e, c = vq.l2_normalize(jnp.asarray(e)), vq.l2_normalize(jnp.asarray(c))
+  dot = jnp.einsum("...d,kd->...k", e, c, precision=jax.lax.Precision.HIGHEST)
+  dist = jnp.sum(jnp.square(e), -1, keepdims=True) - 2.0 * dot + jnp.sum(jnp.square(c), -1)
+  return np.asarray(jnp.argmin(dist, axis=-1))
+
+
+def test_nearest_code_nan_rule_without_scanning_the_distance_table():
+  """NaN/inf latents give code 0, NaN codebook rows win from the first one (argmin's NaN rule)."""
+  rng = np.random.default_rng(2)
+  e = rng.standard_normal((2, 40, 8)).astype(np.float32)
+  c = rng.standard_normal((1024, 8)).astype(np.float32)
+  e[0, 3, 2] = np.nan
+  e[1, 7, 0] = np.inf
+  e[1, 8] = 0.0                       # zero vector: normalized to 0, a finite distance
+  e[0, 9, :] = 3e25                   # |e|^2 overflows: normalized to 0, no NaN
+  search = jax.jit(vq.nearest_code)
+  got = np.asarray(search(e, c))
+  np.testing.assert_array_equal(got, _plain_nearest_code(e, c))
+  assert got[0, 3] == 0 and got[1, 7] == 0
+  c[[700, 300], 1] = np.nan
+  got = np.asarray(search(e, c))
+  np.testing.assert_array_equal(got, _plain_nearest_code(e, c))
+  nan_latent = np.zeros(got.shape, bool)
+  nan_latent[0, 3] = nan_latent[1, 7] = True
+  assert (got[~nan_latent] == 300).all() and (got[nan_latent] == 0).all()
 
 
 def test_gelu_erf_is_the_exact_gelu():

@@ -51,24 +51,36 @@ def nearest_code(latents: jax.Array, codebook: jax.Array, l2_normalized: bool = 
     e, c = l2_normalize(e), l2_normalize(c)
   dot = jnp.einsum("...d,kd->...k", e, c, precision=jax.lax.Precision.HIGHEST)
   dist = jnp.sum(jnp.square(e), -1, keepdims=True) - 2.0 * dot + jnp.sum(jnp.square(c), -1)
-  return first_argmin(dist)
+  if not l2_normalized:
+    return first_argmin(dist)
+  # Normalized rows are bounded (|x| <= 1) or NaN, so dist[..., k] is NaN exactly where the
+  # latent or code k is: argmin's NaN rule (the first NaN wins) is decided on the `[...]`
+  # and `[K]` flags, and the search skips a NaN scan of the whole `[..., K]` table.
+  nan_e = jnp.any(jnp.isnan(e), axis=-1)
+  nan_c = jnp.any(jnp.isnan(c), axis=-1)
+  idx = first_argmin(dist, nan_free=True)
+  idx = jnp.where(jnp.any(nan_c), jnp.argmax(nan_c).astype(jnp.int32), idx)
+  return jnp.where(nan_e, 0, idx)
 
 
-def first_argmin(x: jax.Array, block: int = 128) -> jax.Array:
+def first_argmin(x: jax.Array, block: int = 128, nan_free: bool = False) -> jax.Array:
   """`jnp.argmin(x, -1)` (the first index of the minimum; NaN counts as smallest), `[..., K]` -> `[...]` int32.
 
   XLA:CPU runs argmin's (value, index) reduction scalar by scalar (18 ms for
   `[500, 8192]`); here the last axis is cut into blocks of `block`: a plain
   min per block, argmin over the block minima (the first block holding the
   minimum), then argmin inside that block (4 ms). Same index, ties included.
-  `x` is materialized once so both passes read the same values.
+  `x` is materialized once so both passes read the same values. `nan_free`:
+  the caller guarantees no NaN (or overrides the result where there is one),
+  so the NaN scan of `x` is skipped.
   """
   k = x.shape[-1]
   if k <= block or k % block:
     return jnp.argmin(x, axis=-1).astype(jnp.int32)
   x = jax.lax.optimization_barrier(x).reshape(x.shape[:-1] + (k // block, block))
   block_min = jnp.min(x, axis=-1)  # XLA:CPU's min reduction may drop NaN; argmin must not
-  block_min = jnp.where(jnp.any(jnp.isnan(x), axis=-1), jnp.nan, block_min)
+  if not nan_free:
+    block_min = jnp.where(jnp.any(jnp.isnan(x), axis=-1), jnp.nan, block_min)
   first_block = jnp.argmin(block_min, axis=-1)
   rows = jnp.take_along_axis(x, first_block[..., None, None], axis=-2)[..., 0, :]
   return (first_block * block + jnp.argmin(rows, axis=-1)).astype(jnp.int32)
