@@ -2,6 +2,8 @@
 
 import functools
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -317,6 +319,17 @@ def test_reconstruction_report(parity_dir, speech_dir):
   assert codec_report.metrics(audio, audio)["mel"] < 1e-6
   noisy = codec_report.metrics(audio + 0.1 * np.random.default_rng(0).standard_normal(len(audio)), audio)
   assert noisy["si_snr"] < 10
+
+
+def test_report_refuses_a_damaged_codec_file_with_one_error_line(tmp_path):
+  bad = tmp_path / "decoder.safetensors"
+  bad.write_bytes(b"not a safetensors file")
+  out = subprocess.run([sys.executable, "-m", "metis_jax.codec_report", "--encoder", str(bad), "--decoder",
+                        str(bad), "--wav", str(tmp_path / "x.wav")], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0], out.stderr[-2000:]
+  assert "not a readable safetensors file" in lines[0]
 
 
 @pytest.mark.slow

@@ -27,8 +27,10 @@ import os
 
 import numpy as np
 
+from metis_jax import cli_support
 from metis_jax.models import acoustic_codec as ac
 from metis_jax.inference import evaluation
+from metis_jax.inference import model_loading
 from metis_jax.nn import spectral
 
 try:  # optional metrics
@@ -116,12 +118,6 @@ def add_cross_mel(rows: list[tuple[str, int, dict]], audios: list[np.ndarray], r
       m["mel_x"] = spectral.mel_distance(rec[:k], other[:k], sample_rate)
 
 
-def load_codec(encoder: str, decoder: str) -> ac.AcousticCodecInference:
-  from metis_jax.conversion import acoustic_codec as conv
-  config, params = conv.load_amphion(encoder, decoder)
-  return ac.AcousticCodecInference(config, params)
-
-
 def format_table(rows: list[tuple[str, int, dict]]) -> str:
   keys = ["mel", "si_snr"] + [k for k in ("stoi", "pesq", "mel_x") if any(k in r[2] for r in rows)]
   lines = [f"{'file':<40}{'layers':>7}" + "".join(f"{k:>9}" for k in keys)]
@@ -149,7 +145,10 @@ def main(argv=None):
     args.decoder = os.path.join(args.checkpoint, "decoder.safetensors")
   if not (args.encoder and args.decoder):
     p.error("give --encoder and --decoder, or --checkpoint")
-  codec = load_codec(args.encoder, args.decoder)
+  try:
+    codec = model_loading.load_codec(args.encoder, args.decoder)
+  except model_loading.ModelFileError as e:
+    raise cli_support.UserError(f"{e}; give the codec's released encoder and decoder files") from None
   layers = [min(int(n), codec.config.num_quantizers) for n in args.layers.split(",")]
   files = [f for pattern in args.wav for f in (sorted(glob.glob(pattern)) or [pattern])]
   rows, audios, recs = [], [], []
