@@ -1,10 +1,12 @@
 """Fault injection: damaged checkpoints, killed runs and launchers, non-finite state.
 
 The multi-process cases share one trained 2-process run (2 x 4 CPU devices,
-checkpoints at steps 4, 6, 8); each case copies it, drops checkpoint 8 so 6
-is the newest, damages 6 one way and resumes to step 8. Expected: the run
-restores 4 (the previous intact one), its losses for steps 5..8 equal the
-uninterrupted run's, it names the damage in its log, and it does not hang.
+a checkpoint at every step 1..8). The damage case copies it, drops checkpoint
+8 so 7 is the newest, damages 7, 6, 5, 4 and 3 each a different way and
+resumes to step 8 (one resumed run walks back through all five). Expected:
+the run names each damage in its log, moves each damaged checkpoint aside,
+restores 2 (the newest intact one), its losses for steps 3..8 equal the
+uninterrupted run's, and it does not hang.
 """
 
 import glob
@@ -29,7 +31,8 @@ from tests import train_testlib as lib
 
 LAUNCHER = os.path.join(lib.REPO_ROOT, "launch", "local_multiprocess.py")
 STEPS = 8
-RUN_OVERRIDES = lib.REFERENCE_MESH + (f"train.steps={STEPS}", "checkpoint.every_steps=2")
+RUN_OVERRIDES = lib.REFERENCE_MESH + (f"train.steps={STEPS}", "checkpoint.every_steps=1",
+                                      f"checkpoint.keep={STEPS}")
 RESUME_BOUND_S = 240  # wall clock of one resumed 2-process run, compile included (about 60 s on 2 cores)
 
 
@@ -110,12 +113,12 @@ def _launch(workdir: str, cache: str, timeout: float, *overrides: str) -> tuple[
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """(workdir of an uninterrupted 8-step 2-process run with checkpoints 4, 6, 8; compile cache)."""
+  """(workdir of an uninterrupted 8-step 2-process run with checkpoints 1..8; compile cache)."""
   root = tmp_path_factory.mktemp("faults")
   workdir, cache = str(root / "reference"), str(root / "cache")
   code, log, _ = _launch(workdir, cache, 400)
   assert code == 0, log[-4000:]
-  assert lib.checkpoint_steps(workdir) == [4, 6, 8]
+  assert lib.checkpoint_steps(workdir) == list(range(1, STEPS + 1))
   assert sorted(lib.read_metrics(workdir)) == list(range(1, STEPS + 1))
   return workdir, cache
 
@@ -173,29 +176,39 @@ DAMAGE = {
 }
 
 
+# The checkpoint each damage is done to: the newest five below the dropped step 8, so one
+# resumed run has to detect every one of them, walking back, before it restores step 2.
+DAMAGED_STEP = {"truncated_array_file": 7, "flipped_bytes": 6, "deleted_array_file": 5,
+                "deleted_manifest": 4, "deleted_iterator_file": 3}
+RESTORED = min(DAMAGED_STEP.values()) - 1
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, damage):
+def test_damaged_newest_checkpoints_fall_back_to_the_newest_intact_one(trained, tmp_path):
+  assert sorted(DAMAGED_STEP) == sorted(DAMAGE) and len(set(DAMAGED_STEP.values())) == len(DAMAGE)
   reference, cache = trained
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
-  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))  # as if killed after saving 6
-  damage_fn, phrase = DAMAGE[damage]
-  damage_fn(os.path.join(workdir, "checkpoints", "6"))
+  shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))  # as if killed after saving 7
+  for name, step in DAMAGED_STEP.items():
+    DAMAGE[name][0](os.path.join(workdir, "checkpoints", str(step)))
 
   code, log, seconds = _launch(workdir, cache, RESUME_BOUND_S)
   assert code == 0, log[-4000:]
   assert seconds < RESUME_BOUND_S
-  skip_lines = [line for line in log.splitlines() if "checkpoint 6 is damaged" in line]
-  assert skip_lines and any(phrase in line for line in skip_lines), (phrase, skip_lines, log[-3000:])
-  assert "restored checkpoint 4" in log
-  # The damaged checkpoint was moved aside and saved again by the resumed run.
-  assert glob.glob(os.path.join(workdir, "checkpoints_damaged", "6.*"))
-  assert lib.checkpoint_steps(workdir) == [4, 6, 8]
+  for name, step in DAMAGED_STEP.items():
+    phrase = DAMAGE[name][1]
+    skip_lines = [line for line in log.splitlines() if f"checkpoint {step} is damaged" in line]
+    assert skip_lines and any(phrase in line for line in skip_lines), (name, phrase, skip_lines, log[-3000:])
+    # The damaged checkpoint was moved aside (and saved again by the resumed run, below).
+    assert glob.glob(os.path.join(workdir, "checkpoints_damaged", f"{step}.*")), name
+  assert f"restored checkpoint {RESTORED} " in log, log[-3000:]
+  assert not any(f"checkpoint {RESTORED} is damaged" in line for line in log.splitlines())
+  assert lib.checkpoint_steps(workdir) == list(range(1, STEPS + 1))
 
   want = lib.read_metrics(reference)
   got = lib.read_metrics(workdir)
-  for step in range(5, STEPS + 1):
+  for step in range(RESTORED + 1, STEPS + 1):
     assert got[step]["loss"] == want[step]["loss"], (step, got[step]["loss"], want[step]["loss"])
   # Each step once in metrics.jsonl (needs loop.py to use metrics.JsonlWriter with resume_step).
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -208,7 +221,7 @@ def test_every_checkpoint_damaged_is_a_clear_error_not_a_hang(trained, tmp_path)
   reference, cache = trained
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
-  for step in (4, 6, 8):
+  for step in lib.checkpoint_steps(workdir):
     _delete_manifest(os.path.join(workdir, "checkpoints", str(step)))
   code, log, seconds = _launch(workdir, cache, RESUME_BOUND_S)
   assert code != 0 and seconds < RESUME_BOUND_S
@@ -240,9 +253,9 @@ def _children_of(pid: int) -> list[int]:
   return out
 
 
-def _sleeper_launch(tmp_path, script: str) -> subprocess.Popen:
-  command = [sys.executable, LAUNCHER, "--num_processes", "2", "--devices_per_process", "1", "--",
-             sys.executable, "-c", script]
+def _sleeper_launch(tmp_path, script: str, *launcher_flags: str) -> subprocess.Popen:
+  command = [sys.executable, LAUNCHER, "--num_processes", "2", "--devices_per_process", "1",
+             *launcher_flags, "--", sys.executable, "-c", script]
   return subprocess.Popen(command, cwd=lib.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
 
@@ -278,9 +291,12 @@ def test_a_dying_worker_takes_the_others_down_and_its_status_is_reported(tmp_pat
             "  time.sleep(1); sys.exit(7)\n"
             "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"  # a worker deaf to SIGTERM
             "time.sleep(120)\n")
+  # A 2 s grace (the default is 10 s) before the deaf worker is SIGKILLed: the same path, 8 s sooner.
+  grace_s = 2
   started = time.time()
-  proc = _sleeper_launch(tmp_path, script)
+  proc = _sleeper_launch(tmp_path, script, "--grace_s", str(grace_s))
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode == 7, out
-  assert time.time() - started < 30
+  assert time.time() - started < grace_s + 20
   assert "process 1 exited with status 7" in out, out
+  assert f"SIGKILL after {grace_s} s" in out, out

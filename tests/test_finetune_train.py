@@ -6,6 +6,8 @@ the slow ones train on the demo corpus or kill a run with SIGKILL.
 """
 
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,13 +72,25 @@ def ft_config(task_data, base: str, *overrides: str, task: str = "se"):
       f"finetune.rir_dirs=('{rir}',)", *overrides])
 
 
-@pytest.mark.slow
-def test_frozen_params_bit_identical_and_absent_from_the_optimizer(task_data, base_dir, tmp_path):
-  config = ft_config(task_data, base_dir, "train.steps=4", "model.adapter_gated=True")  # the released layout
-  result = loop.train(config, str(tmp_path / "run"), return_state=True, devices=ONE)
-  assert result.ok and result.final_step == 4
+# The released layout (gated adapter); 4 steps with checkpoints at 2 and 4.
+GATED_RUN = ("train.steps=4", "model.adapter_gated=True")
+
+
+@pytest.fixture(scope="module")
+def gated_run(task_data, base_dir, tmp_path_factory):
+  """(result, workdir, late compiles) of a 4-step fine-tune of `base_dir` with the export; shared by the
+  frozen-parameter test and the other-base refusal (which resumes a copy of its workdir)."""
+  workdir = str(tmp_path_factory.mktemp("ft_gated") / "run")
+  result = loop.train(ft_config(task_data, base_dir, *GATED_RUN), workdir, return_state=True, devices=ONE)
   steps, = loop._STEPS_CACHE.values()  # pylint: disable=protected-access
-  assert steps.step_fn.late_compiles == 0  # compiled before the first step, never during one
+  return result, workdir, steps.step_fn.late_compiles
+
+
+@pytest.mark.slow
+def test_frozen_params_bit_identical_and_absent_from_the_optimizer(gated_run, base_dir):
+  result, workdir, late_compiles = gated_run
+  assert result.ok and result.final_step == 4
+  assert late_compiles == 0  # compiled before the first step, never during one
   losses = [h["loss"] for h in result.history]
   assert all(np.isfinite(losses))
   state = result.state
@@ -94,7 +108,7 @@ def test_frozen_params_bit_identical_and_absent_from_the_optimizer(task_data, ba
   assert any(np.abs(v).max() > 0 for k, v in trained.items() if k.endswith("lora_b"))
   # The exported model's frozen weights equal the base file's, bit for bit.
   _, base_params = convert.load_converted(base_dir)
-  export_dir = tmp_path / "run" / "export"
+  export_dir = pathlib.Path(workdir) / "export"
   assert (export_dir / "model").is_dir() and (export_dir / "lora.safetensors").exists()
   from metis_jax.conversion import finetune  # pylint: disable=import-outside-toplevel
   model, released = finetune.load_released(str(export_dir / "base.safetensors"),
@@ -121,12 +135,14 @@ def test_trainable_report_and_base_hash_in_the_state(task_data, base_dir):
 
 
 @pytest.mark.slow
-def test_resume_with_another_base_is_refused(task_data, base_dir, tmp_path):
+def test_resume_with_another_base_is_refused(task_data, gated_run, tmp_path):
+  result, trained, _ = gated_run
+  assert result.ok and lib.checkpoint_steps(trained)  # a run of base_dir with checkpoints to resume
   workdir = str(tmp_path / "run")
-  assert loop.train(ft_config(task_data, base_dir, "train.steps=2", "finetune.export=False"), workdir, devices=ONE).ok
+  shutil.copytree(trained, workdir)
   other = write_base(str(tmp_path / "other"), seed=2)
   with pytest.raises(finetune_base.FinetuneError, match=r"finetune.base .*content hash.*new --workdir"):
-    loop.train(ft_config(task_data, other, "train.steps=4", "finetune.export=False"), workdir, devices=ONE)
+    loop.train(ft_config(task_data, other, *GATED_RUN, "train.steps=8"), workdir, devices=ONE)
 
 
 def test_prompt_kept_and_only_targets_masked():
