@@ -21,17 +21,12 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # Tests. No torch: the comparisons with Hugging Face's classes read frozen
-    # fixtures (../shared/data/parity/hf_*); with torch and transformers
-    # installed, optional live comparisons run as well.
+    # Tests. The comparisons with Hugging Face's classes read frozen fixtures
+    # (../shared/data/parity/hf_*): no other framework than JAX is installed.
     "test": [
         "pytest>=8.0",
         "phonemizer>=3.3.0",
     ],
-    # Converting Amphion's w2v-BERT statistics `wav2vec2bert_stats.pt` (a torch
-    # pickle) to .npz: `metis_jax.conversion.w2v_bert.convert_stats`. The only
-    # use of torch in metis_jax.
-    "stats": ["torch>=2.4"],
     # `python -m metis_jax.fetch`: download the released weights (never at run time).
     "fetch": ["huggingface_hub>=0.23"],
     # TPU runtime; also what the AOT dry run (train_compile) needs on a CPU host.

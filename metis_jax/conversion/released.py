@@ -219,6 +219,6 @@ def tokenizer_files(released_dir: str) -> tuple:
   if stats.endswith(".pt"):
     npz = os.path.join(os.path.dirname(stats), "w2v_stats.npz")
     raise FileNotFoundError(
-        f"error: {stats} is a torch file: convert it once with `pip install -e '.[stats]'` and "
+        f"error: {stats} is a torch file: convert it once with `pip install torch` (CPU build) and "
         f"`python -c \"from metis_jax.conversion import w2v_bert; w2v_bert.convert_stats('{stats}', '{npz}')\"`")
   return found["w2v_bert"], stats, found["semantic_codec"]

@@ -22,8 +22,8 @@ ignored; everything else must match exactly (`common.check_keys`).
 
 Statistics: Amphion ships `wav2vec2bert_stats.pt`, a torch zip holding
 {"mean": f32[1024], "var": f32[1024]}. `convert_stats` reads it with
-`torch.load(weights_only=True)` (no arbitrary unpickling; torch from the
-optional `stats` extra) and writes an .npz;
+`torch.load(weights_only=True)` (no arbitrary unpickling; torch installed by
+hand for this one conversion, in no extra of setup.py) and writes an .npz;
 `load_stats` reads that .npz (numpy, `allow_pickle=False`).
 """
 
@@ -239,8 +239,8 @@ def convert_stats(pt_path: str, npz_path: str) -> tuple[np.ndarray, np.ndarray]:
 
   Uses `torch.load(weights_only=True)`, which refuses pickled objects other
   than tensors and plain containers. This is the one place metis_jax uses
-  torch, imported here only: the optional `stats` extra
-  (`pip install -e ".[stats]"`). Returns (mean, var).
+  torch, imported here only and installed by hand (`pip install torch`; no
+  extra of setup.py names it). Returns (mean, var).
 
   Raises:
     ImportError: torch is not installed (one line saying what to install).
@@ -250,7 +250,7 @@ def convert_stats(pt_path: str, npz_path: str) -> tuple[np.ndarray, np.ndarray]:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f"{pt_path}: reading a .pt statistics file needs torch, which is not installed; "
-                      f"pip install -e \".[stats]\" (CPU torch is enough), or convert on a machine that "
+                      f"pip install torch (the CPU build is enough), or convert on a machine that "
                       f"has it and copy the .npz") from e
   try:
     stats = torch.load(pt_path, map_location="cpu", weights_only=True)
