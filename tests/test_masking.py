@@ -76,3 +76,20 @@ def test_masked_cross_entropy_is_normalized_by_masked_count():
   zero_loss, _, zero_count = masking.masked_cross_entropy(
       jnp.asarray(logits), jnp.asarray(targets), jnp.zeros_like(jnp.asarray(weights)))
   assert float(zero_loss) == 0 and float(zero_count) == 0
+
+
+def test_argmax_hits_equals_argmax_comparison_with_ties():
+  rng = np.random.default_rng(0)
+  # Few distinct values, so most rows hold tied maxima (argmax takes the first).
+  logits = rng.integers(0, 4, (6, 50, 37)).astype(np.float32)
+  logits[0, 0] = 2.0  # a constant row: only index 0 is the argmax
+  logits[0, 1, -1] = np.inf
+  targets = rng.integers(0, 37, (6, 50))
+  targets[:, :10] = logits[:, :10].argmax(-1)  # some hits for sure
+  hits = jax.jit(masking.argmax_hits)(jnp.asarray(logits), jnp.asarray(targets))
+  want = logits.argmax(-1) == targets
+  np.testing.assert_array_equal(np.asarray(hits), want)
+  assert want.sum() >= 60 and (~want).sum() >= 60
+  # A row holding NaN is never a hit.
+  nan_row = jnp.asarray([[1.0, jnp.nan, 3.0]])
+  assert not bool(masking.argmax_hits(nan_row, jnp.asarray([1]))[0])

@@ -116,6 +116,23 @@ def sample_training_mask(rng: jax.Array, valid: jax.Array, cfg: MaskingConfig) -
                       is_masked=is_masked)
 
 
+def argmax_hits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """`jnp.argmax(logits, -1) == targets`, `[..., vocab]`, `[...]` -> bool `[...]`.
+
+  XLA:CPU runs argmax's (value, index) reduction scalar by scalar: 5 of the
+  130 ms of the tiny train step at `[4, 500, 1024]`. The first index holding
+  the maximum, a max and then a min over `where(logits == max, index, vocab)`,
+  takes two plain reductions that vectorize (1.4 ms). Same ties (the first
+  maximum wins); a row holding NaN is never a hit (argmax would pick its first
+  NaN), which only affects the accuracy metric of a step whose loss is NaN.
+  """
+  vocab = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  first = jnp.min(jnp.where(logits == top, index, vocab), axis=-1)
+  return first == targets
+
+
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   """Cross-entropy and accuracy over weighted positions, normalized by their count.
 
@@ -137,7 +154,7 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Arr
   # A one-hot product, not a gather: its gradient is elementwise, not a scatter-add.
   one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
   ce = log_z - jnp.sum(logits * one_hot, axis=-1)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = argmax_hits(logits, targets).astype(jnp.float32)
   count = weights.sum()
   denom = jnp.maximum(count, 1.0)
   return (ce * weights).sum() / denom, (correct * weights).sum() / denom, count
@@ -208,7 +225,7 @@ def _chunk_stats(logits, targets, weights):
   log_z = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
   one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
   ce = log_z[..., 0] - jnp.sum(logits * one_hot, axis=-1)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = argmax_hits(logits, targets).astype(jnp.float32)
   d_logits = (jnp.exp(logits - log_z) - one_hot) * weights[..., None]
   return (ce * weights).sum(), (correct * weights).sum(), d_logits
 
