@@ -25,6 +25,13 @@ ratio is original time / metis_jax time (> 1: metis_jax is faster). Peak RSS is 
 largest over that side's rounds (each side in its own process, so the two never share
 memory).
 
+Each row's work in GFLOP is its minimum, `aot_cost`'s analytical count (matmuls and
+attention, the head only where needed), or for the loop-free codec programs the compiled
+program's count; GFLOP/s is that over each side's time. A first worker measures the
+machine's float32 matmul peak (XLA, 2048^3, fastest of 8 runs), and `ceiling` is the ratio a
+program doing the row's work at that peak would reach against the original: a target
+above the ceiling cannot be met on this machine without doing less work.
+
 Rows (batch 1, 3 s prompt = 150 tokens, 100 phones where the model takes phones):
   t2s_decode_tiny_5s     T2S tiny (128 wide, 2 layers, 4 heads, 1024 codes), 5 s target,
                          25 steps, CFG 2.5
@@ -68,6 +75,7 @@ S2A_STEPS = (40, 16) + (1,) * 10
 ROWS = ("t2s_decode_tiny_5s", "t2s_decode_tiny_10s", "t2s_forward_base", "t2s_decode_base_step",
         "s2a_decode", "t2s_train_tiny", "t2s_train_base", "acoustic_encode", "acoustic_decode",
         "semantic_quantize", "tiny_decode_b8")
+PEAK = "matmul_peak"  # the worker kind measuring the machine's matmul rate
 TINY = dict(hidden=128, layers=2, heads=4, vocab=1024)
 BASE = dict(hidden=1536, layers=16, heads=16, vocab=8192)
 
@@ -199,11 +207,11 @@ def jax_runner(spec: dict):
     if kind == "acoustic_encode":
       wav = jax.random.normal(jax.random.key(0), (1, n)) * 0.1
       fn = jax.jit(lambda p, w: model.apply({"params": p}, w, method=ac.AcousticCodec.encode))
-      return lambda: jax.block_until_ready(fn(params, wav))
+      return with_program_flops(lambda: jax.block_until_ready(fn(params, wav)), fn, params, wav)
     codes = jax.random.randint(jax.random.key(1), (1, n // cfg.hop_size, cfg.num_quantizers), 0,
                                cfg.codebook_size)
     fn = jax.jit(lambda p, c: model.apply({"params": p}, c, method=ac.AcousticCodec.decode))
-    return lambda: jax.block_until_ready(fn(params, codes))
+    return with_program_flops(lambda: jax.block_until_ready(fn(params, codes)), fn, params, codes)
   if kind == "semantic_quantize":
     from metis_jax.models import semantic_codec as sc  # pylint: disable=import-outside-toplevel
     cfg = sc.SemanticCodecConfig(dtype="float32")
@@ -211,8 +219,76 @@ def jax_runner(spec: dict):
     params = random_params(sc.abstract_params(model))
     feat = jax.random.normal(jax.random.key(0), (1, int(spec["seconds"] * 50), cfg.hidden_size))
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=sc.SemanticCodec.quantize))
-    return lambda: jax.block_until_ready(fn(params, feat))
+    return with_program_flops(lambda: jax.block_until_ready(fn(params, feat)), fn, params, feat)
   raise ValueError(kind)
+
+
+# ----------------------------------------------------------------------------- work per row
+
+
+def with_program_flops(run, jitted, *args):
+  """`run`, carrying the FLOPs of `jitted(*args)`'s compiled program as `run.flops`.
+
+  Only for loop-free programs (the codecs with unstacked layers): XLA's cost
+  analysis counts a while loop's body once, so a program with a loop gets None.
+  """
+  compiled = jitted.lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  looped = any(" while(" in line for line in compiled.as_text().splitlines())
+  run.flops = None if looped else float(cost.get("flops", 0.0)) or None
+  return run
+
+
+def model_flops(row: str, args) -> float | None:
+  """The row's FLOPs at the model's minimum, per timed unit (what `seconds` measures).
+
+  `aot_cost`'s analytical count (matmuls and attention; the head only where the
+  work needs it): T2S decode = steps x its decode step with phones, prompt, target
+  and CFG (the unconditional pass over the target alone); forward = one
+  conditional pass and the head on the target; train = 3 x forward with the head
+  on the expected scored positions. S2A decode = every codec layer's steps x an
+  S2A step (512 wide, 8 layers, 2048 MLP, 1024 codes; prompt and target, CFG).
+  None for the codec rows: their count comes from the compiled program.
+  """
+  import aot_cost  # pylint: disable=import-outside-toplevel
+  spec = row_spec(row, args)
+  kind = spec["kind"]
+
+  def dims(size):
+    return aot_cost.Dims(size["hidden"], 4 * size["hidden"], size["layers"], size["vocab"], 4, 4, 0)
+
+  if kind == "t2s_decode":
+    step, _ = aot_cost.decode_step_minimum(dims(spec["size"]), spec["batch"], PHONES, PROMPT,
+                                           spec["target"], cfg=True)
+    return step * spec["steps"] * spec["scale"]
+  if kind == "t2s_forward":
+    d, target = dims(spec["size"]), spec["target"]
+    return (spec["batch"] * (d.forward(PHONES + PROMPT + target) + 4.0 * d.hidden * d.mlp * PHONES
+                             + d.per_row + 2.0 * d.hidden * d.vocab * target))
+  if kind == "t2s_train":
+    from metis_jax import config_lib  # pylint: disable=import-outside-toplevel
+    config = config_lib.load_config("tiny" if spec["size"] is TINY else "metis_base",
+                                    [f"train.seq_length={spec['length']}"])
+    flops, _ = aot_cost.train_minimum(dims(spec["size"]), spec["batch"], spec["length"],
+                                      aot_cost.scored_fraction(config))
+    return flops
+  if kind == "s2a_decode":
+    d = aot_cost.Dims(512, 2048, 8, 1024, 4, 4, 0)
+    step, _ = aot_cost.decode_step_minimum(d, spec["batch"], 0, PROMPT, spec["target"], cfg=True)
+    return step * sum(S2A_STEPS)
+  return None
+
+
+def matmul_peak_runner():
+  """XLA's float32 matmul at 2048^3 (17.2 GFLOP): the machine's attainable rate for the ceiling."""
+  import jax  # pylint: disable=import-outside-toplevel
+  a = jax.random.normal(jax.random.key(0), (2048, 2048))
+  b = jax.random.normal(jax.random.key(1), (2048, 2048))
+  fn = jax.jit(lambda x, y: x @ y)
+  run = lambda: jax.block_until_ready(fn(a, b))
+  run.flops = 2.0 * 2048 ** 3
+  return run
 
 
 # ----------------------------------------------------------------------------- original side
@@ -368,8 +444,11 @@ def reference_runner(spec: dict, src: str):
 def worker(args) -> int:
   """One measurement in this process: prints 'RESULT {json}'."""
   import resource  # pylint: disable=import-outside-toplevel
-  spec = row_spec(args._worker, args)
-  run = jax_runner(spec) if args._side == "jax" else reference_runner(spec, args.reference_src)
+  if args._worker == PEAK:
+    spec, run = {}, matmul_peak_runner()
+  else:
+    spec = row_spec(args._worker, args)
+    run = jax_runner(spec) if args._side == "jax" else reference_runner(spec, args.reference_src)
   start = time.perf_counter()
   run()  # compile / warm up
   warm = time.perf_counter() - start
@@ -379,8 +458,11 @@ def worker(args) -> int:
     run()
     times.append(time.perf_counter() - start)
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  print("RESULT " + json.dumps(dict(seconds=statistics.median(times) * spec.get("scale", 1.0),
-                                    warmup=warm, peak_rss=peak)), flush=True)
+  # The matmul peak is a best case (the fastest run); rows report their median.
+  seconds = min(times) if args._worker == PEAK else statistics.median(times)
+  print("RESULT " + json.dumps(dict(seconds=seconds * spec.get("scale", 1.0),
+                                    warmup=warm, peak_rss=peak,
+                                    flops=getattr(run, "flops", None))), flush=True)
   return 0
 
 
@@ -452,7 +534,9 @@ def main() -> int:
                                if args.reference_src else " alone (no --reference_src)")
         + f"; float32, 2 threads, {args.rounds} rounds ({args.heavy_rounds} for base rows) x "
         f"{args.inner} timed runs", flush=True)
-  results = {}
+  peak = measure(PEAK, "jax", argparse.Namespace(**{**vars(args), "inner": max(args.inner, 8)}))
+  peak_rate = peak["flops"] / peak["seconds"] if "error" not in peak else None
+  results, work = {}, {}
   for row in rows:
     heavy = "base" in row
     per_side = {s: [] for s in sides}
@@ -471,24 +555,33 @@ def main() -> int:
                             peak_rss=max(r["peak_rss"] for r in ok)) if ok
                        else {"error": runs[-1]["error"]})
     results[row] = summary
+    program = [r.get("flops") for r in per_side["jax"] if r.get("flops")]
+    work[row] = model_flops(row, args) or (program[0] if program else None)
     print(f"  {row}: " + ", ".join(
         f"{s} " + (f"{v['seconds']:.3f}s {gib(v['peak_rss'])}GiB" if "error" not in v else v["error"])
         for s, v in summary.items()), file=sys.stderr, flush=True)
 
-  header = f"{'row':<24}{'metis_jax s':>12}{'RSS GiB':>9}"
+  header = f"{'row':<24}{'GFLOP':>9}{'metis_jax s':>12}{'GFLOP/s':>9}{'RSS GiB':>9}"
   if "ref" in sides:
-    header += f"{'original s':>12}{'RSS GiB':>9}{'ratio':>8}"
+    header += f"{'original s':>12}{'GFLOP/s':>9}{'RSS GiB':>9}{'ratio':>8}{'ceiling':>9}"
   print(header)
   print("-" * len(header))
+  def rate(flops, side):
+    return f"{flops / side['seconds'] / 1e9:>9.0f}" if flops and "error" not in side else f"{'':>9}"
+
   for row, summary in results.items():
-    j = summary["jax"]
-    line = f"{row:<24}" + (f"{j['seconds']:>12.3f}{gib(j['peak_rss']):>9}" if "error" not in j
-                           else f"{'error':>12}{'':>9}")
+    j, flops = summary["jax"], work[row]
+    line = f"{row:<24}" + (f"{flops / 1e9:>9.1f}" if flops else f"{'':>9}")
+    line += (f"{j['seconds']:>12.3f}{rate(flops, j)}{gib(j['peak_rss']):>9}" if "error" not in j
+             else f"{'error':>12}{'':>18}")
     if "ref" in sides:
       r = summary["ref"]
-      line += (f"{r['seconds']:>12.3f}{gib(r['peak_rss']):>9}" if "error" not in r else f"{'error':>12}{'':>9}")
+      line += (f"{r['seconds']:>12.3f}{rate(flops, r)}{gib(r['peak_rss']):>9}" if "error" not in r
+               else f"{'error':>12}{'':>18}")
       if "error" not in r and "error" not in j:
         line += f"{r['seconds'] / j['seconds']:>8.2f}"
+        if flops and peak_rate:
+          line += f"{r['seconds'] * peak_rate / flops:>9.2f}"
     print(line)
     for side, v in summary.items():
       if "error" in v:
@@ -501,6 +594,13 @@ def main() -> int:
         continue
       t8, t1 = 8 * 500 / b8["seconds"], 500 / b1["seconds"]
       print(f"  {side}: batch 1 {t1:.1f}, batch 8 {t8:.1f} ({t8 / t1:.2f}x)")
+  if peak_rate:
+    print(f"matmul peak: {peak_rate / 1e9:.0f} GFLOP/s (XLA float32 2048^3, this machine, 2 threads); "
+          "ceiling = the ratio a program doing the row's GFLOP at that rate would reach")
+  else:
+    print(f"matmul peak: not measured ({peak['error']})")
+  print("(GFLOP: the row's minimum work (aot_cost's analytical count), or the compiled program's "
+        "for the loop-free codec rows)")
   print("(ratio = original / metis_jax; > 1: metis_jax faster. Rows scaled: "
         f"t2s_decode_base_step per step of {args.base_steps}; s2a_decode steps capped at "
         f"{args.s2a_max_steps} and scaled to [40, 16, 1 x 10].)")
