@@ -155,7 +155,8 @@ def make_setup(config: ml_collections.ConfigDict) -> CodecSetup:
     codec_cfg = ac.AcousticCodecConfig.from_config(config.model)
     disc = discriminators.CodecDiscriminator(tuple(t.mpd_periods), tuple(t.mrd_ffts), t.disc_channels,
                                              t.disc_max_channels)
-    optimizers = {GENERATOR: optimizer_lib.make_optimizer(t), DISCRIMINATOR: optimizer_lib.make_optimizer(t)}
+    optimizer = optimizer_lib.make_optimizer(t)  # same settings for both networks; it holds no state
+    optimizers = {GENERATOR: optimizer, DISCRIMINATOR: optimizer}
     return CodecSetup(kind, ac.AcousticCodec(codec_cfg), codec_cfg, disc, optimizers, rules, codec_cfg.sample_rate,
                       acoustic_crop(t, codec_cfg))
   if kind == sc.KIND:
