@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # Tests. The comparisons with Hugging Face's classes read frozen fixtures
-    # (../shared/data/parity/hf_*): no other framework than JAX is installed.
+    # (../shared/data/parity/hf_*), so no torch; where torch and transformers
+    # happen to be installed, an optional live comparison runs as well.
     "test": [
         "pytest>=8.0",
         "phonemizer>=3.3.0",

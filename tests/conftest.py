@@ -13,11 +13,17 @@ import os
 import shutil
 import tempfile
 
-# Must happen before jax is imported anywhere in the test session. Backend (LLVM) optimization
-# level 0, as the trainer subprocesses of train_testlib.subprocess_env use: XLA:CPU compile time,
-# which dominates most tests here (tiny models, a few steps), drops by a third to a half; the
-# slower generated code costs less than that even in the longest training tests.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS of the suite and of the processes its tests start: `devices` fake CPU devices and
+  backend (LLVM) optimization level 0. XLA:CPU compile time, which dominates most tests here
+  (tiny models, a few steps), drops by a third to a half; the slower generated code costs less
+  than that even in the longest training tests."""
+  return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+
+
+# Must happen before jax is imported anywhere in the test session.
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

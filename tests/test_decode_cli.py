@@ -309,10 +309,9 @@ def test_two_processes_give_the_audio_of_one(setup, manifest_run, spread_manifes
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = {k: v for k, v in os.environ.items() if not k.startswith("METIS_")}
-  # Backend optimization level 0 nearly halves XLA:CPU compile time; its float arithmetic moves a
-  # few samples by one 16-bit step (different tokens would change the audio everywhere).
-  env.update(JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+  # The suite's flags (optimization level 0): its float arithmetic moves a few samples by one
+  # 16-bit step (different tokens would change the audio everywhere).
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=conftest.xla_flags(1),
              PYTHONPATH=conftest.REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""))
   command = [sys.executable, "-m", "metis_jax.decode"] + setup["flags"] + [
       "--task", "tts", "--manifest", spread_manifest, "--output_dir", out_dir,

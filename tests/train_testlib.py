@@ -11,6 +11,7 @@ import time
 import jax
 
 from metis_jax import config_lib
+from tests import conftest
 from metis_jax.training import input_pipeline
 from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.training import state as train_state
@@ -71,9 +72,7 @@ def cli_overrides(*overrides: str) -> list[str]:
 
 def subprocess_env(devices: int = 8, cache_dir: str = "") -> dict:
   env = dict(os.environ)
-  # Backend optimization level 0 halves XLA:CPU compile time of the tiny model.
-  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                      "--xla_backend_optimization_level=0")
+  env["XLA_FLAGS"] = conftest.xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   for key in ("METIS_COORDINATOR_ADDRESS", "METIS_NUM_PROCESSES", "METIS_PROCESS_ID"):
     env.pop(key, None)
