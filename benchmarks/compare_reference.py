@@ -207,11 +207,11 @@ def jax_runner(spec: dict):
     if kind == "acoustic_encode":
       wav = jax.random.normal(jax.random.key(0), (1, n)) * 0.1
       fn = jax.jit(lambda p, w: model.apply({"params": p}, w, method=ac.AcousticCodec.encode))
-      return with_program_flops(lambda: jax.block_until_ready(fn(params, wav)), fn, params, wav)
+      return compiled_run(fn, params, wav)
     codes = jax.random.randint(jax.random.key(1), (1, n // cfg.hop_size, cfg.num_quantizers), 0,
                                cfg.codebook_size)
     fn = jax.jit(lambda p, c: model.apply({"params": p}, c, method=ac.AcousticCodec.decode))
-    return with_program_flops(lambda: jax.block_until_ready(fn(params, codes)), fn, params, codes)
+    return compiled_run(fn, params, codes)
   if kind == "semantic_quantize":
     from metis_jax.models import semantic_codec as sc  # pylint: disable=import-outside-toplevel
     cfg = sc.SemanticCodecConfig(dtype="float32")
@@ -219,23 +219,25 @@ def jax_runner(spec: dict):
     params = random_params(sc.abstract_params(model))
     feat = jax.random.normal(jax.random.key(0), (1, int(spec["seconds"] * 50), cfg.hidden_size))
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=sc.SemanticCodec.quantize))
-    return with_program_flops(lambda: jax.block_until_ready(fn(params, feat)), fn, params, feat)
+    return compiled_run(fn, params, feat)
   raise ValueError(kind)
 
 
 # ----------------------------------------------------------------------------- work per row
 
 
-def with_program_flops(run, jitted, *args):
-  """`run`, carrying the FLOPs of `jitted(*args)`'s compiled program as `run.flops`.
+def compiled_run(jitted, *args):
+  """A blocking `run()` of `jitted(*args)` compiled once, its program's FLOPs as `run.flops`.
 
-  Only for loop-free programs (the codecs with unstacked layers): XLA's cost
-  analysis counts a while loop's body once, so a program with a loop gets None.
+  The FLOPs only for loop-free programs (the codecs with unstacked layers): XLA's
+  cost analysis counts a while loop's body once, so a program with a loop gets None.
   """
+  import jax  # pylint: disable=import-outside-toplevel
   compiled = jitted.lower(*args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   looped = any(" while(" in line for line in compiled.as_text().splitlines())
+  run = lambda: jax.block_until_ready(compiled(*args))
   run.flops = None if looped else float(cost.get("flops", 0.0)) or None
   return run
 
@@ -566,6 +568,7 @@ def main() -> int:
     header += f"{'original s':>12}{'GFLOP/s':>9}{'RSS GiB':>9}{'ratio':>8}{'ceiling':>9}"
   print(header)
   print("-" * len(header))
+
   def rate(flops, side):
     return f"{flops / side['seconds'] / 1e9:>9.0f}" if flops and "error" not in side else f"{'':>9}"
 
