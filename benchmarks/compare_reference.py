@@ -45,6 +45,10 @@ Rows (batch 1, 3 s prompt = 150 tokens, 100 phones where the model takes phones)
                          `--s2a_max_steps` and the time scaled to the full schedule
   t2s_train_tiny         T2S tiny train step (forward, loss on masked positions, backward,
                          AdamW), B 4 x T 500
+  t2s_train_tiny_restart the same in a restarted run: its programs loaded from the
+                         persistent compilation cache (`python -m metis_jax.train`'s default),
+                         which an unreported first process fills; the original has no
+                         compile, so its side is t2s_train_tiny's again
   t2s_train_base         T2S base train step, B 1 x T 500, no remat on either side; peak RSS
   acoustic_encode        acoustic codec (released sizes) encode 10 s (encoder + RVQ)
   acoustic_decode        acoustic codec decode 10 s (codes -> waveform)
@@ -59,11 +63,14 @@ comparable, not the absolute times.
 """
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 PROMPT = 150
@@ -73,8 +80,8 @@ TOKENS_PER_SECOND = 50
 S2A_STEPS = (40, 16) + (1,) * 10
 
 ROWS = ("t2s_decode_tiny_5s", "t2s_decode_tiny_10s", "t2s_forward_base", "t2s_decode_base_step",
-        "s2a_decode", "t2s_train_tiny", "t2s_train_base", "acoustic_encode", "acoustic_decode",
-        "semantic_quantize", "tiny_decode_b8")
+        "s2a_decode", "t2s_train_tiny", "t2s_train_tiny_restart", "t2s_train_base",
+        "acoustic_encode", "acoustic_decode", "semantic_quantize", "tiny_decode_b8")
 PEAK = "matmul_peak"  # the worker kind measuring the machine's matmul rate
 TINY = dict(hidden=128, layers=2, heads=4, vocab=1024)
 BASE = dict(hidden=1536, layers=16, heads=16, vocab=8192)
@@ -96,7 +103,7 @@ def row_spec(row: str, args) -> dict:
     steps = tuple(min(s, args.s2a_max_steps) for s in S2A_STEPS)
     return dict(kind="s2a_decode", batch=1, target=500, steps=steps,
                 scale=sum(S2A_STEPS) / sum(steps))
-  if row == "t2s_train_tiny":
+  if row in ("t2s_train_tiny", "t2s_train_tiny_restart"):
     return dict(kind="t2s_train", size=TINY, batch=4, length=500)
   if row == "t2s_train_base":
     return dict(kind="t2s_train", size=BASE, batch=1, length=500)
@@ -478,12 +485,15 @@ def worker_env(side: str) -> dict:
 
 
 def measure(row: str, side: str, args) -> dict:
+  """One worker process for (row, side): its RESULT, or {'error': ...}."""
   python = args.reference_python if side == "ref" else sys.executable
   cmd = [python, os.path.abspath(__file__), "--_worker", row, "--_side", side,
          "--inner", str(args.inner), "--base_steps", str(args.base_steps),
          "--s2a_max_steps", str(args.s2a_max_steps), "--reference_src", args.reference_src or ""]
-  out = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(side),
-                       timeout=args.row_timeout)
+  env = worker_env(side)
+  # No persistent compilation cache, except in the restart row (JAX's variable; '' = off).
+  env["JAX_COMPILATION_CACHE_DIR"] = args.compilation_cache if row.endswith("_restart") else ""
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.row_timeout)
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
@@ -532,6 +542,8 @@ def main() -> int:
     print(f"error: --rows: unknown {unknown}; known: {', '.join(ROWS)}", file=sys.stderr)
     return 2
   sides = ["jax"] + (["ref"] if args.reference_src else [])
+  args.compilation_cache = tempfile.mkdtemp(prefix="compare_reference_xla_cache_")
+  atexit.register(shutil.rmtree, args.compilation_cache, ignore_errors=True)
   print("sides: metis_jax" + (f" vs original ({args.reference_src}, {args.reference_python})"
                                if args.reference_src else " alone (no --reference_src)")
         + f"; float32, 2 threads, {args.rounds} rounds ({args.heavy_rounds} for base rows) x "
@@ -542,6 +554,8 @@ def main() -> int:
   for row in rows:
     heavy = "base" in row
     per_side = {s: [] for s in sides}
+    if row.endswith("_restart"):
+      measure(row, "jax", args)  # the first run, which compiles and fills the cache
     for _ in range(args.heavy_rounds if heavy else args.rounds):
       for side in sides:
         free = available_bytes()

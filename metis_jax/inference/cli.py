@@ -180,6 +180,9 @@ FLAG_SPECS = (
     ("coordinator_address", _STR, None, "host:port of process 0 for multi-process jobs."),
     ("num_processes", _INT, None, "Number of processes in the job."),
     ("process_id", _INT, None, "This process's index in [0, num_processes)."),
+    ("compilation_cache_dir", _STR, None, "Compiled programs kept between runs (the next decode "
+     "at the same shapes loads them): default JAX_COMPILATION_CACHE_DIR if set, else "
+     "~/.cache/metis_jax/xla; '' turns it off."),
     # Evaluation.
     ("evaluate", _BOOL, True, "Compute metrics where references exist (NLL, SI-SNR, mel distance)."),
     ("html_report", _BOOL, True, "Also write report.html beside the report: players, spectrograms, "
@@ -971,10 +974,11 @@ def _metrics(job, audio, asr, speaker) -> dict:
 
 
 def start_processes(args: Args) -> None:
-  """Joins the multi-process job the flags (or METIS_* variables, or a TPU VM) describe, if any.
-  Must come before anything touches the devices."""
+  """Joins the multi-process job the flags (or METIS_* variables, or a TPU VM) describe, if any,
+  and sets up the compilation cache. Must come before anything touches the devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  from metis_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  from metis_jax.parallel import compilation_cache, distributed  # pylint: disable=g-import-not-at-top
+  compilation_cache.enable(args.compilation_cache_dir)
   if jax.distributed.is_initialized():
     return
   try:

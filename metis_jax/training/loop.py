@@ -43,6 +43,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from metis_jax.parallel import compilation_cache
 from metis_jax.parallel import distributed
 from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.data import fingerprint
@@ -83,6 +84,10 @@ def define_flags() -> None:
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process jobs.")
   flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
   flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+  flags.DEFINE_string("compilation_cache_dir", None,
+                      "Compiled programs kept between runs (a restart loads them instead of "
+                      "compiling): default JAX_COMPILATION_CACHE_DIR if set, else "
+                      "~/.cache/metis_jax/xla; '' turns it off; a shared gs:// folder on a pod.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -272,6 +277,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  compilation_cache.enable(FLAGS.compilation_cache_dir)
   from metis_jax.training import demo_job  # pylint: disable=import-outside-toplevel
   if demo_job.is_demo_stage1(FLAGS.config):
     # The default job: stage 1, then both S2A models on the same demo data, so that
