@@ -273,11 +273,13 @@ def test_command_line_entry_points(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   subprocess.run([sys.executable, "-m", "metis_jax.data.fit_kmeans", *common, "--output", str(tmp_path / "tok")],
                  check=True, cwd=REPO, capture_output=True, env=env)
+  cache = tmp_path / "xla_cache"
   subprocess.run([sys.executable, "-m", "metis_jax.data.tokenize", *common, "--output", str(tmp_path / "out"),
-                  f"--config.data.tokenizer_dir={tmp_path / 'tok'}"], check=True, cwd=REPO, capture_output=True,
-                 env=env)
+                  f"--config.data.tokenizer_dir={tmp_path / 'tok'}", f"--compilation_cache_dir={cache}"],
+                 check=True, cwd=REPO, capture_output=True, env=dict(env, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"))
   m = manifest_lib.load(str(tmp_path / "out"))
   assert m["utterances"] == 4 and m["hours_per_language"].keys() == {"fr"} and m["tokenizer"]["vocab_size"] == 8
+  assert any(name.startswith("jit_") for name in os.listdir(cache))  # the flag's folder holds its programs
 
 
 @pytest.mark.slow

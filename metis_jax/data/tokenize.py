@@ -357,6 +357,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("process_count", 0, "Override jax.process_count() (with --process_index).")
   flags.DEFINE_bool("record_sources", False, "Records name their source audio file (relative to --input), "
                     "which the fine-tuning task pipelines read audio from (directory layouts).")
+  from metis_jax.parallel import compilation_cache  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
   flags.mark_flag_as_required("config")
   from metis_jax import cli_support  # pylint: disable=g-import-not-at-top
 
@@ -367,6 +369,7 @@ if __name__ == "__main__":
     from metis_jax.frontend import tokenizers  # pylint: disable=g-import-not-at-top
     if not os.path.exists(f.input):
       raise cli_support.UserError(f"--input {f.input} does not exist; give a corpus folder or tar")
+    compilation_cache.enable(f.compilation_cache_dir)
     pi, pc = f.process_index, f.process_count
     result = run(f.config.data, f.input, f.output, tokenizer=tokenizers.load_tokenizer(f.config.data.tokenizer_dir),
                  acoustic_tokenizer=tokenizers.acoustic_tokenizer_from_config(f.config.data),

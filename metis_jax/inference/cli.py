@@ -93,6 +93,8 @@ from typing import Optional, Sequence
 from absl import flags
 import numpy as np
 
+from metis_jax.parallel import compilation_cache
+
 # The flags are declared on a FlagValues of their own, so that `run_cli` can be
 # called from Python (tests, notebooks) next to other modules' flags.
 _BOOL, _STR, _INT, _FLOAT, _LIST, _ENUM = "bool", "str", "int", "float", "list", "enum"
@@ -180,9 +182,7 @@ FLAG_SPECS = (
     ("coordinator_address", _STR, None, "host:port of process 0 for multi-process jobs."),
     ("num_processes", _INT, None, "Number of processes in the job."),
     ("process_id", _INT, None, "This process's index in [0, num_processes)."),
-    ("compilation_cache_dir", _STR, None, "Compiled programs kept between runs (the next decode "
-     "at the same shapes loads them): default JAX_COMPILATION_CACHE_DIR if set, else "
-     "~/.cache/metis_jax/xla; '' turns it off."),
+    ("compilation_cache_dir", _STR, None, compilation_cache.FLAG_HELP),
     # Evaluation.
     ("evaluate", _BOOL, True, "Compute metrics where references exist (NLL, SI-SNR, mel distance)."),
     ("html_report", _BOOL, True, "Also write report.html beside the report: players, spectrograms, "
@@ -977,7 +977,7 @@ def start_processes(args: Args) -> None:
   """Joins the multi-process job the flags (or METIS_* variables, or a TPU VM) describe, if any,
   and sets up the compilation cache. Must come before anything touches the devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  from metis_jax.parallel import compilation_cache, distributed  # pylint: disable=g-import-not-at-top
+  from metis_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   compilation_cache.enable(args.compilation_cache_dir)
   if jax.distributed.is_initialized():
     return

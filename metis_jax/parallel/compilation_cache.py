@@ -12,7 +12,8 @@ never loads a stale entry. Programs that compile in under a second are not store
 `jax_persistent_cache_min_compile_time_secs`).
 
 Which folder, in order (`resolve`):
-  1. the command's `--compilation_cache_dir` ('' turns the cache off);
+  1. the command's `--compilation_cache_dir` (train, decode, data.tokenize; '' turns the
+     cache off);
   2. JAX's own JAX_COMPILATION_CACHE_DIR, when it is set (empty: off), left to JAX;
   3. $XDG_CACHE_HOME/metis_jax/xla, by default ~/.cache/metis_jax/xla.
 A multi-host job reads and writes it from every host: point it at a folder they share (a
@@ -30,6 +31,11 @@ from absl import logging
 
 DEFAULT_MAX_BYTES = 4 << 30
 ENV_JAX_DIR = "JAX_COMPILATION_CACHE_DIR"
+# The `--compilation_cache_dir` flag of the commands that compile models (train, decode,
+# data.tokenize).
+FLAG_HELP = ("Compiled programs kept between runs (the next run at the same shapes loads them "
+             "instead of compiling): default JAX_COMPILATION_CACHE_DIR if set, else "
+             "~/.cache/metis_jax/xla; '' turns it off; on a pod, a gs:// folder all hosts share.")
 
 
 def default_dir() -> str:

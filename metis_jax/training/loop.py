@@ -84,10 +84,7 @@ def define_flags() -> None:
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process jobs.")
   flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
   flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-  flags.DEFINE_string("compilation_cache_dir", None,
-                      "Compiled programs kept between runs (a restart loads them instead of "
-                      "compiling): default JAX_COMPILATION_CACHE_DIR if set, else "
-                      "~/.cache/metis_jax/xla; '' turns it off; a shared gs:// folder on a pod.")
+  flags.DEFINE_string("compilation_cache_dir", None, compilation_cache.FLAG_HELP)
   flags.mark_flags_as_required(["config", "workdir"])
 
 
