@@ -160,7 +160,9 @@ def jax_runner(spec: dict):
 
   if kind == "t2s_train":
     from metis_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-    from metis_jax.training import compile_ahead, input_pipeline, state as train_state, step as step_lib  # pylint: disable=import-outside-toplevel
+    from metis_jax.training import compile_ahead, host_memory, input_pipeline, state as train_state, step as step_lib  # pylint: disable=import-outside-toplevel
+    if os.environ.get("METIS_BENCH_ASYNC_CPU") != "1":
+      host_memory.run_cpu_programs_inline()  # as `python -m metis_jax.train` does
     config = t2s_config(spec["size"], False, [
         "train.synthetic_data=True", "mesh.fsdp=-1", "mesh.dcn_data=1",
         f"train.global_batch_size={spec['batch']}", f"train.seq_length={spec['length']}",

@@ -14,7 +14,7 @@ with a warning, and counted in `late_compiles`.
 import concurrent.futures
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 from absl import logging
@@ -123,4 +123,15 @@ def compile_ahead(jitted: Any, state: Any, specs: Sequence[dict[str, Any]], *res
              for key in unique]
   # The compiler's freed host memory back to the OS before the steps allocate theirs.
   host_memory.release_freed()
+  if _platform(state) == "cpu":
+    host_memory.keep_step_buffers(max(b.memory.get("temp", 0) for b in buckets))
   return AheadCompiled(jitted, executables, buckets, time.perf_counter() - started)
+
+
+def _platform(state: Any) -> Optional[str]:
+  """The platform of the devices `state` is sharded over (None where it has no sharding)."""
+  for leaf in jax.tree.leaves(state):
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None:
+      return next(iter(sharding.device_set)).platform
+  return None

@@ -50,6 +50,7 @@ from metis_jax.data import fingerprint
 from metis_jax.training import checkpointing
 from metis_jax.training import codec_objective
 from metis_jax.training import finetune_objective
+from metis_jax.training import host_memory
 from metis_jax.training import masked_objective
 from metis_jax.training import metrics as metrics_lib
 from metis_jax.training import objective as objective_lib
@@ -273,6 +274,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  host_memory.run_cpu_programs_inline()
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   compilation_cache.enable(FLAGS.compilation_cache_dir)
   from metis_jax.training import demo_job  # pylint: disable=import-outside-toplevel
