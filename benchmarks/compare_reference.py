@@ -115,7 +115,7 @@ def row_spec(row: str, args) -> dict:
 # ----------------------------------------------------------------------------- metis_jax side
 
 
-def jax_runner(spec: dict):
+def jax_runner(spec: dict, async_cpu: bool = False):
   """A blocking `run()` doing the row's work once with metis_jax."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
@@ -161,7 +161,7 @@ def jax_runner(spec: dict):
   if kind == "t2s_train":
     from metis_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
     from metis_jax.training import compile_ahead, host_memory, input_pipeline, state as train_state, step as step_lib  # pylint: disable=import-outside-toplevel
-    if os.environ.get("METIS_BENCH_ASYNC_CPU") != "1":
+    if not async_cpu:
       host_memory.run_cpu_programs_inline()  # as `python -m metis_jax.train` does
     config = t2s_config(spec["size"], False, [
         "train.synthetic_data=True", "mesh.fsdp=-1", "mesh.dcn_data=1",
@@ -459,7 +459,8 @@ def worker(args) -> int:
     spec, run = {}, matmul_peak_runner()
   else:
     spec = row_spec(args._worker, args)
-    run = jax_runner(spec) if args._side == "jax" else reference_runner(spec, args.reference_src)
+    run = (jax_runner(spec, args.async_cpu) if args._side == "jax"
+           else reference_runner(spec, args.reference_src))
   start = time.perf_counter()
   run()  # compile / warm up
   warm = time.perf_counter() - start
@@ -492,6 +493,7 @@ def measure(row: str, side: str, args) -> dict:
   cmd = [python, os.path.abspath(__file__), "--_worker", row, "--_side", side,
          "--inner", str(args.inner), "--base_steps", str(args.base_steps),
          "--s2a_max_steps", str(args.s2a_max_steps), "--reference_src", args.reference_src or ""]
+  cmd += ["--async_cpu"] if args.async_cpu else []
   env = worker_env(side)
   # No persistent compilation cache, except in the restart row (JAX's variable; '' = off).
   env["JAX_COMPILATION_CACHE_DIR"] = args.compilation_cache if row.endswith("_restart") else ""
@@ -532,6 +534,9 @@ def main() -> int:
   parser.add_argument("--s2a_max_steps", type=int, default=4, help="cap on each S2A layer's steps")
   parser.add_argument("--base_train_gib", type=float, default=18.0,
                       help="t2s_train_base runs only with this much memory available")
+  parser.add_argument("--async_cpu", action="store_true",
+                      help="train rows with JAX's asynchronous CPU dispatch (its default) instead of the "
+                      "train command's inline one, whose step buffers stay in the heap")
   parser.add_argument("--row_timeout", type=int, default=1800, help="seconds per measurement")
   parser.add_argument("--_worker", default="", help=argparse.SUPPRESS)
   parser.add_argument("--_side", default="jax", help=argparse.SUPPRESS)
