@@ -2,10 +2,6 @@
 the gradient clip reuses the step's global norm."""
 
 import os
-import resource
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +11,6 @@ import pytest
 from metis_jax.data import synthetic
 from metis_jax.training import aot_compile
 from metis_jax.training import compile_ahead
-from metis_jax.training import host_memory
 from metis_jax.training import input_pipeline
 from metis_jax.training import loop
 from metis_jax.training import state as train_state
@@ -164,44 +159,3 @@ def test_abstract_encoder_matches_the_encoder_a_run_creates():
     assert a.sharding.is_equivalent_to(r.sharding, len(a.shape))
   assert np.prod(abstract.mean.shape) == 32
 
-
-_STEP_BUFFER_PROBE = textwrap.dedent("""
-    import resource, jax, jax.numpy as jnp
-    from metis_jax.training import host_memory
-    host_memory.run_cpu_programs_inline()
-    x = jnp.ones((2000, 4096), jnp.float32)
-    step = jax.jit(lambda x: jnp.cumsum(jnp.sin(x), axis=0)[-1].sum()).lower(x).compile()
-    temp = step.memory_analysis().temp_size_in_bytes
-
-    def faults_per_call():
-      for _ in range(2):  # the first call after keep_step_buffers grows the heap
-        step(x).block_until_ready()
-      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      for _ in range(3):
-        step(x).block_until_ready()
-      return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
-
-    mapped = faults_per_call()
-    kept = host_memory.keep_step_buffers(temp)
-    print(temp, mapped, kept, faults_per_call())
-""")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and ru_minflt: Linux")
-def test_kept_step_buffers_stop_the_page_faults_of_every_step():
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _STEP_BUFFER_PROBE], env=env, capture_output=True, text=True,
-                       timeout=120)
-  assert out.returncode == 0, out.stderr[-2000:]
-  temp, mapped, kept, after = out.stdout.split()
-  pages = int(temp) / resource.getpagesize()
-  assert int(temp) > 40 << 20  # above glibc's largest dynamic mmap threshold (32 MiB)
-  assert float(mapped) > 0.5 * pages  # mapped afresh: every page faulted in again
-  assert kept == "True"
-  assert float(after) < 0.05 * pages
-
-
-def test_step_buffers_stay_mapped_where_cpu_programs_run_asynchronously():
-  # This test process dispatches asynchronously (JAX's default): XLA's threads allocate the
-  # buffers, so the thresholds would only hold other memory back.
-  assert not host_memory.keep_step_buffers(64 << 20)

@@ -43,10 +43,6 @@ def _libc_function(name: str):
     return None
 
 
-def _malloc_trim():
-  return _libc_function("malloc_trim")
-
-
 def resident_bytes() -> Optional[int]:
   """This process's resident set now (Linux `/proc/self/statm`), or None elsewhere."""
   try:
@@ -58,7 +54,7 @@ def resident_bytes() -> Optional[int]:
 
 def release_freed() -> Optional[int]:
   """Returns freed heap pages to the OS; the bytes the resident set shrank by (None: cannot tell)."""
-  trim = _malloc_trim()
+  trim = _libc_function("malloc_trim")
   if trim is None:
     return None
   before = resident_bytes()
