@@ -27,10 +27,12 @@ from typing import Optional
 
 from absl import logging
 
-# glibc's mallopt parameters.
+# glibc's mallopt parameters, and the largest value it takes.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-# Larger step buffers keep their per-step mapping: one of 4 GiB kept in the heap (base
-# size, B 1 x T 500) fragmented it: 15.1 s and 17.2 GiB per step against 13.5 s and 13.2 GiB.
+_C_INT_MAX = 2 ** 31 - 1
+# Larger step buffers keep their per-step mapping. The thresholds stop at 2 GiB (C ints),
+# and a 4 GiB one kept in a heap that every thread shared (base size, B 1 x T 500, glibc's
+# arena_max=1) fragmented it: 15.1 s and 17.2 GiB per step against 13.5 s and 13.2 GiB.
 MAX_KEPT_BYTES = 1 << 30
 
 
@@ -91,7 +93,9 @@ def keep_step_buffers(temp_bytes: int) -> bool:
       or not 0 < temp_bytes <= MAX_KEPT_BYTES):
     return False
   threshold = temp_bytes + (1 << 20)
-  if not (mallopt(_M_MMAP_THRESHOLD, threshold) and mallopt(_M_TRIM_THRESHOLD, 2 * threshold)):
+  # mallopt takes a C int: larger values would wrap around.
+  trim = min(2 * threshold, _C_INT_MAX)
+  if not (mallopt(_M_MMAP_THRESHOLD, threshold) and mallopt(_M_TRIM_THRESHOLD, trim)):
     return False
   logging.info("CPU step buffers (%.1f MiB) are kept in the heap between steps", temp_bytes / 2 ** 20)
   return True
