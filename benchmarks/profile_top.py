@@ -135,9 +135,9 @@ def train_workload(batch: int, length: int):
   spec = input_pipeline.batch_spec(config)
   step_fn = step_lib.jit_train_step(setup, config, mesh, train_state.state_shardings(setup, mesh), spec)
   batch_arrays = next(input_pipeline.make_train_iterator(config, mesh))
-  hlo = step_fn.lower(holder["state"], batch_arrays).compile().as_text()
   # As the training loop runs it: compiled ahead, step buffers kept in the heap.
   step_fn = compile_ahead.compile_ahead(step_fn, holder["state"], [spec])
+  hlo = next(iter(step_fn.executables.values())).as_text()
 
   def run():
     holder["state"], metrics = step_fn(holder["state"], batch_arrays)
