@@ -53,6 +53,13 @@ def test_missing_config_file_says_so(command, tmp_path):
   _assert_user_error(out, "nope.py' does not exist")
 
 
+def test_train_with_a_compilation_cache_folder_it_cannot_write(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  out = _run("metis_jax.train", "--config", TINY, "--workdir", str(tmp_path / "run"),
+             f"--compilation_cache_dir={tmp_path / 'a_file' / 'cache'}")
+  _assert_user_error(out, "--compilation_cache_dir", "a_file/cache", "writable")
+
+
 def test_train_compile_batch_that_does_not_divide_the_devices():
   out = _run("metis_jax.train_compile", "--config", TINY, "--topology", "cpu-8",
              "--config.train.global_batch_size=6")

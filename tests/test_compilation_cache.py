@@ -1,5 +1,6 @@
 """The persistent compilation cache of the train and decode commands (parallel/compilation_cache.py)."""
 
+import io
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 from tests import conftest
 from tests import train_testlib as lib
+from metis_jax import cli_support
 from metis_jax.inference import cli as decode_cli
 from metis_jax.parallel import compilation_cache
 
@@ -70,6 +72,27 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
   second = run()
   assert second[-2] == "hits" and int(second[-1]) >= 1  # the jitted function, and jnp's own ops
   assert second[0] == first[0]
+
+
+def test_a_folder_that_cannot_hold_the_cache(monkeypatch, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  try:
+    with pytest.raises(cli_support.UserError, match="--compilation_cache_dir .*a_file/cache: .*writable"):
+      compilation_cache.enable(str(blocker / "cache"))
+    # The default folder in that state (say, a read-only home) only turns the cache off.
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert compilation_cache.enable(None) == ""
+    assert not jax.config.jax_compilation_cache_dir
+    stream = io.StringIO()
+    assert decode_cli.run_cli(["decode", f"--compilation_cache_dir={blocker}/cache"], stream) == 2
+    assert stream.getvalue().startswith("error: --compilation_cache_dir"), stream.getvalue()
+  finally:
+    compilation_cache.enable(conftest.XLA_CACHE_DIR)
+  assert (jax.config.jax_compilation_cache_dir or "") == conftest.XLA_CACHE_DIR
+  assert compilation_cache.unusable(str(tmp_path / "new" / "folder")) is None  # created
+  assert compilation_cache.unusable("gs://bucket/cache") is None
 
 
 def test_decode_sets_the_cache_up_from_its_flag(tmp_path):

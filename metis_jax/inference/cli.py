@@ -977,13 +977,13 @@ def start_processes(args: Args) -> None:
   """Joins the multi-process job the flags (or METIS_* variables, or a TPU VM) describe, if any,
   and sets up the compilation cache. Must come before anything touches the devices."""
   import jax  # pylint: disable=g-import-not-at-top
+  from metis_jax import cli_support  # pylint: disable=g-import-not-at-top
   from metis_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  compilation_cache.enable(args.compilation_cache_dir)
-  if jax.distributed.is_initialized():
-    return
   try:
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  except ValueError as e:
+    compilation_cache.enable(args.compilation_cache_dir)
+    if not jax.distributed.is_initialized():
+      distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  except (ValueError, cli_support.UserError) as e:
     raise UsageError(str(e)) from e
 
 

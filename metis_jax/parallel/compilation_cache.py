@@ -23,12 +23,16 @@ code: never share the folder with users you do not trust.
 
 JAX evicts old entries only with the `filelock` package installed; a local folder is
 otherwise kept under `max_bytes` here, oldest entries first, when the cache is enabled.
+A folder given by the flag that cannot be created or written is a user error; the default
+one in that state (a read-only home) only turns the cache off, with a warning.
 """
 
 import os
 from typing import Optional
 
 from absl import logging
+
+from metis_jax import cli_support
 
 DEFAULT_MAX_BYTES = 4 << 30
 ENV_JAX_DIR = "JAX_COMPILATION_CACHE_DIR"
@@ -59,6 +63,17 @@ def resolve(flag_value: Optional[str]) -> Optional[str]:
   if ENV_JAX_DIR in os.environ:
     return None
   return default_dir()
+
+
+def unusable(directory: str) -> Optional[str]:
+  """Why a local folder cannot hold the cache (it is created if missing), or None if it can."""
+  if "://" in directory:
+    return None
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    return e.strerror or str(e)
+  return None if os.access(directory, os.W_OK | os.X_OK) else "not writable"
 
 
 def prune(directory: str, max_bytes: int) -> int:
@@ -99,12 +114,23 @@ def enable(flag_value: Optional[str], max_bytes: int = DEFAULT_MAX_BYTES) -> Opt
 
   Returns:
     The folder in use, '' when turned off, or None where JAX's variable decides.
+
+  Raises:
+    cli_support.UserError: the flag names a folder that cannot be created or written.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from jax.experimental.compilation_cache import compilation_cache as jax_cache  # pylint: disable=import-outside-toplevel
   directory = resolve(flag_value)
   if directory is None:
     return None
+  problem = unusable(directory) if directory else None
+  if problem and flag_value is not None:
+    raise cli_support.UserError(f"--compilation_cache_dir {directory}: {problem}; give a writable "
+                                "folder, or '' to turn the compilation cache off")
+  if problem:
+    logging.warning("compilation cache %s: %s; running without it (--compilation_cache_dir "
+                    "puts it elsewhere)", directory, problem)
+    directory = ""
   jax_cache.reset_cache()
   jax.config.update("jax_compilation_cache_dir", directory or None)
   if directory:
