@@ -83,8 +83,9 @@ class AheadCompiled:
       logging.warning("batch %s was not compiled ahead (known: %s); compiling it now",
                       describe_spec(batch), [b.shape for b in self.buckets])
       executable = self.jitted.lower(state, batch, *rest).compile()
-      host_memory.release_freed()
       self.executables[key] = executable
+      late_temp = metrics_lib.memory_summary(executable).get("temp", 0)
+      _settle_host_memory([late_temp] + [b.memory.get("temp", 0) for b in self.buckets], _platform(state))
       self.late_compiles += 1
     return executable(state, batch, *rest)
 
@@ -121,11 +122,17 @@ def compile_ahead(jitted: Any, state: Any, specs: Sequence[dict[str, Any]], *res
     executables = {key: f.result() for key, f in futures.items()}
   buckets = [BucketCompile(describe_spec(unique[key]), metrics_lib.memory_summary(executables[key]))
              for key in unique]
-  # The compiler's freed host memory back to the OS before the steps allocate theirs.
-  host_memory.release_freed()
-  if _platform(state) == "cpu":
-    host_memory.keep_step_buffers(max(b.memory.get("temp", 0) for b in buckets))
+  _settle_host_memory([b.memory.get("temp", 0) for b in buckets], _platform(state))
   return AheadCompiled(jitted, executables, buckets, time.perf_counter() - started)
+
+
+def _settle_host_memory(temp_bytes: Sequence[int], platform: Optional[str]) -> None:
+  """After compiling: the compiler's freed host memory back to the OS before the steps allocate
+  theirs, and on a CPU the steps' temporary buffers (up to the largest of `temp_bytes`) kept in
+  the heap."""
+  host_memory.release_freed()
+  if platform == "cpu":
+    host_memory.keep_step_buffers(max(temp_bytes))
 
 
 def _platform(state: Any) -> Optional[str]:
