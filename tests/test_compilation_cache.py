@@ -42,6 +42,13 @@ def test_prune_deletes_the_oldest_entries_down_to_the_limit(tmp_path):
   assert compilation_cache.prune(str(tmp_path / "missing"), 0) == 0
 
 
+def _env_without_session_cache() -> dict:
+  """A subprocess environment with the suite's flags but not its JAX_COMPILATION_CACHE_DIR."""
+  env = lib.subprocess_env(devices=1)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return env
+
+
 _COMPILE_ONCE = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp
     from metis_jax.parallel import compilation_cache
@@ -57,8 +64,7 @@ _COMPILE_ONCE = textwrap.dedent("""
 
 def test_a_second_process_loads_what_the_first_compiled(tmp_path):
   folder = str(tmp_path / "cache")
-  env = dict(lib.subprocess_env(devices=1))
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env = _env_without_session_cache()
 
   def run():
     out = subprocess.run([sys.executable, "-c", _COMPILE_ONCE, folder], env=env, capture_output=True,
@@ -110,8 +116,7 @@ def test_decode_sets_the_cache_up_from_its_flag(tmp_path):
 @pytest.mark.slow
 def test_train_writes_its_programs_to_the_flag_folder(tmp_path):
   folder = str(tmp_path / "train_cache")
-  env = lib.subprocess_env(devices=1)
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env = _env_without_session_cache()
   cmd = lib.train_command(str(tmp_path / "run"), "train.steps=2") + [f"--compilation_cache_dir={folder}"]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=conftest.REPO_ROOT)
   assert out.returncode == 0, out.stderr[-2000:]

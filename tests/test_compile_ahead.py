@@ -158,4 +158,3 @@ def test_abstract_encoder_matches_the_encoder_a_run_creates():
     assert (a.shape, a.dtype) == (r.shape, r.dtype)
     assert a.sharding.is_equivalent_to(r.sharding, len(a.shape))
   assert np.prod(abstract.mean.shape) == 32
-
