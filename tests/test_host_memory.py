@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -74,3 +75,19 @@ def test_step_buffers_stay_mapped_where_cpu_programs_run_asynchronously():
   # This test process dispatches asynchronously (JAX's default): XLA's threads allocate the
   # buffers, so the thresholds would only hold other memory back.
   assert not host_memory.keep_step_buffers(64 << 20)
+
+
+def test_step_buffers_past_a_c_int_lift_the_thresholds(monkeypatch):
+  # mallopt takes a C int: the base train step's 4 GiB buffer is kept with -1 (glibc: SIZE_MAX).
+  calls = []
+  monkeypatch.setattr(host_memory, "_libc_function",
+                      lambda name: lambda param, value: calls.append((param, value)) or 1)
+  jax.config.update("jax_cpu_enable_async_dispatch", False)  # read by the CPU client once, at start
+  try:
+    assert host_memory.keep_step_buffers(4 << 30)
+    assert calls == [(host_memory._M_MMAP_THRESHOLD, -1), (host_memory._M_TRIM_THRESHOLD, -1)]
+    calls.clear()
+    assert host_memory.keep_step_buffers(100 << 20)
+  finally:
+    jax.config.update("jax_cpu_enable_async_dispatch", True)
+  assert calls == [(host_memory._M_MMAP_THRESHOLD, 101 << 20), (host_memory._M_TRIM_THRESHOLD, 202 << 20)]
