@@ -1,6 +1,8 @@
-r"""CPU profile of the tiny train step and tiny decode: the top XLA ops by self time.
+r"""CPU profile of the train step and tiny decode: the top XLA ops by self time.
 
   python benchmarks/profile_top.py                         # both workloads, top 15 each
+  python benchmarks/profile_top.py --workloads train --train_config metis_base --train_shape 1x500 \
+      --train_override model.remat_policy=none --train_override model.dtype=float32
   python benchmarks/profile_top.py --workloads decode --top 25 --trace_dir /tmp/prof
   python benchmarks/profile_top.py --parse /tmp/prof/train --hlo /tmp/prof/train/hlo.txt --runs 3
 
@@ -14,8 +16,9 @@ printed with the op's share of all op time, its calls per run, and, from the
 compiled HLO text, its result shape and the JAX source op (`metadata.op_name`),
 so `fusion.42` reads as what it computes.
 
-Workloads (tiny config, random weights, float32):
-  train   the trainer's jitted step, B x T from --train_shape (default 4 x 500,
+Workloads (random weights):
+  train   the trainer's jitted step of --train_config (default tiny) with its
+          --train_override settings, B x T from --train_shape (default 4 x 500,
           the issue's row), synthetic batch, state donated.
   decode  MetisDecoder, 3 s prompt + 10 s target (150 + 500 tokens), 25 steps,
           CFG 2.5, batch --decode_batch.
@@ -119,16 +122,16 @@ def format_table(title: str, rows: list[dict], total_ms: float) -> str:
 # ----------------------------------------------------------------------------- workloads
 
 
-def train_workload(batch: int, length: int):
-  """(run() -> blocks, compiled HLO text) for the tiny train step at batch x length."""
+def train_workload(batch: int, length: int, config_name: str = "tiny", overrides=()):
+  """(run() -> blocks, compiled HLO text) for the train step of `config_name` at batch x length."""
   import jax  # pylint: disable=import-outside-toplevel
   from metis_jax import config_lib  # pylint: disable=import-outside-toplevel
   from metis_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from metis_jax.training import compile_ahead, input_pipeline, state as train_state, step as step_lib  # pylint: disable=import-outside-toplevel
 
-  config = config_lib.load_config("tiny", [
-      "train.synthetic_data=True", "mesh.fsdp=-1", f"train.global_batch_size={batch}",
-      f"train.seq_length={length}", f"data.bucket_lengths=({length},)"])
+  config = config_lib.load_config(config_name, [
+      "train.synthetic_data=True", "mesh.fsdp=-1", "mesh.dcn_data=1", f"train.global_batch_size={batch}",
+      f"train.seq_length={length}", f"data.bucket_lengths=({length},)", *overrides])
   mesh = mesh_lib.create_mesh(config.mesh)
   setup = train_state.make_setup(config)
   holder = {"state": train_state.create_sharded_state(setup, mesh, config.seed)}
@@ -193,7 +196,10 @@ def profile(name: str, run, hlo: str, trace_dir: str, repeats: int, top: int) ->
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workloads", default="train,decode")
-  parser.add_argument("--train_shape", default="4x500", help="B x T of the tiny train step")
+  parser.add_argument("--train_shape", default="4x500", help="B x T of the train step")
+  parser.add_argument("--train_config", default="tiny", help="config of the train step (tiny, metis_base, ...)")
+  parser.add_argument("--train_override", action="append", default=[],
+                      help="key=value for the train config (repeatable)")
   parser.add_argument("--decode_batch", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--top", type=int, default=15)
@@ -217,8 +223,8 @@ def main() -> int:
   for name in args.workloads.split(","):
     if name == "train":
       b, t = (int(x) for x in args.train_shape.lower().split("x"))
-      run, hlo = train_workload(b, t)
-      title = f"tiny train step {b}x{t}"
+      run, hlo = train_workload(b, t, args.train_config, args.train_override)
+      title = f"{args.train_config} train step {b}x{t}"
     elif name == "decode":
       run, hlo = decode_workload(args.decode_batch)
       title = f"tiny decode b={args.decode_batch} 3s+10s 25 steps CFG 2.5"
