@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -225,3 +226,26 @@ def test_trailing_skips_count_the_skipped_updates_at_the_end():
   history = [{"skipped": 1.0}, {"skipped": 0.0}, {"skipped": 1.0}, {"skipped": 0.0, "disc_skipped": 1.0}]
   assert loop.trailing_skips(history) == 2
   assert loop.trailing_skips(history[:2]) == 0 and loop.trailing_skips([]) == 0
+
+
+def test_throughput_times_steps_that_ran_inline_to_their_end(tmp_path):
+  # A step run inline (the CPU train command) is done when its metrics are queued: every
+  # window, the last one flushed right after it included, spans the steps' own time.
+  config = lib.tiny_config("logging.tensorboard=False", "logging.log_every_steps=1", "train.steps=4")
+  logger = metrics.MetricsLogger(str(tmp_path), config, num_devices=1, device_kind="cpu", is_writer=True)
+  fake = {k: jnp.float32(1.0) for k in ("loss", "accuracy", "grad_norm", "learning_rate")}
+  for step in range(1, 5):
+    time.sleep(0.2)  # the step's run
+    logger.push(step, fake)
+  logger.flush()
+  rates = [v["steps_per_second"] for v in logger.history if "steps_per_second" in v]
+  assert len(rates) == 3 and all(0.5 < r <= 5.5 for r in rates), rates
+
+
+def test_progress_line_counts_read_at_any_rate():
+  values = {"steps_per_second": 0.08, "tokens_per_second": 40.0, "loss": 1.0, "accuracy": 0.5,
+            "grad_norm": 1.0, "learning_rate": 1e-4, "mfu": 0.1}
+  assert "0.08 step/s 40 tok/s" in metrics.progress_line(2, 10, values)
+  assert "3.1 step/s 52.3k tok/s" in metrics.progress_line(
+      2, 10, dict(values, steps_per_second=3.1, tokens_per_second=52_300.0))
+  assert metrics.format_count(1.25e6) == "1.25M"

@@ -98,11 +98,19 @@ def eta(step: int, total: int, values: dict[str, float]) -> str:
   return f"ETA {format_duration((total - step) / rate)}"
 
 
+def format_count(value: float) -> str:
+  """52300 -> '52.3k', 1.25e6 -> '1.25M', 40.4 -> '40.4', 3.14159 -> '3.14' (three significant digits)."""
+  for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(value) >= scale:
+      return f"{value / scale:.3g}{suffix}"
+  return f"{value:.3g}"
+
+
 def progress_line(step: int, total: int, values: dict[str, float]) -> str:
   """'step 120/2000 | 3.1 step/s 50.2k tok/s | loss 4.123 acc 0.211 | gnorm 1.23 lr 3.0e-04 | MFU 41.2% | ETA 10m06s'."""
   timed = "steps_per_second" in values  # not the first step (it includes compilation)
   parts = [f"step {step}/{total}",
-           (f"{values['steps_per_second']:.2f} step/s {values['tokens_per_second'] / 1e3:.1f}k tok/s"
+           (f"{values['steps_per_second']:.3g} step/s {format_count(values['tokens_per_second'])} tok/s"
             if timed else "compiling"),
            f"loss {values['loss']:.4f} acc {values['accuracy']:.3f}",
            f"gnorm {values['grad_norm']:.3g} lr {values['learning_rate']:.2e}"]
@@ -113,6 +121,19 @@ def progress_line(step: int, total: int, values: dict[str, float]) -> str:
   if eta(step, total, values):
     parts.append(eta(step, total, values))
   return " | ".join(parts)
+
+
+def _finished_at(metrics: Any) -> Optional[float]:
+  """The time now if every array of `metrics` is computed already, else None.
+
+  Dispatched asynchronously (accelerators), a step is still running when the loop
+  queues its metrics, and its end is when their fetch, a step later, returns. Run
+  inline (CPU train command, `host_memory.run_cpu_programs_inline`), it is done when
+  queued, and the fetch a step later would time the next step instead (the last
+  window, flushed right after, would take no time at all).
+  """
+  ready = all(getattr(leaf, "is_ready", lambda: True)() for leaf in jax.tree.leaves(metrics))
+  return time.perf_counter() if ready else None
 
 
 class JsonlWriter:
@@ -218,7 +239,7 @@ class MetricsLogger:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       purge = resume_step + 1 if resume_step else None
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
-    self._pending: Optional[tuple[int, Any]] = None
+    self._pending: Optional[tuple[int, Any, Optional[float]]] = None
     self._window_start: Optional[tuple[int, float]] = None
     self._first_logged: Optional[int] = None
     self.history: list[dict[str, float]] = []
@@ -229,7 +250,7 @@ class MetricsLogger:
     Returns:
       The previous step's metrics as floats (with its `step`), or None.
     """
-    previous, self._pending = self._pending, (step, metrics)
+    previous, self._pending = self._pending, (step, metrics, _finished_at(metrics))
     return self._log(*previous) if previous else None
 
   def flush(self) -> Optional[dict[str, float]]:
@@ -237,10 +258,12 @@ class MetricsLogger:
     previous, self._pending = self._pending, None
     return self._log(*previous) if previous else None
 
-  def _log(self, step: int, metrics: Any) -> dict[str, float]:
+  def _log(self, step: int, metrics: Any, finished_at: Optional[float] = None) -> dict[str, float]:
+    """Fetches and logs step `step`; its rates time the window to `finished_at` (when the step
+    was seen done; None: still running when queued, so done when the fetch returns)."""
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     values["step"] = step
-    now = time.perf_counter()
+    now = time.perf_counter() if finished_at is None else finished_at
     if self._window_start is None:
       self._window_start = (step, now)  # the first step includes compilation: not timed
       self._first_logged = step

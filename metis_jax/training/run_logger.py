@@ -31,8 +31,8 @@ class RunLogger(metrics_lib.MetricsLogger):
     self.peak = metrics_lib.peak_flops_per_device(device_kind, config.logging.peak_flops_per_device)
     self.jsonl = metrics_lib.JsonlWriter(workdir, resume_step, self.is_writer)
 
-  def _log(self, step: int, metrics: Any) -> dict[str, float]:
-    values = super()._log(step, metrics)
+  def _log(self, step: int, metrics: Any, finished_at: Optional[float] = None) -> dict[str, float]:
+    values = super()._log(step, metrics, finished_at)
     self.jsonl.write(values)
     return values
 
