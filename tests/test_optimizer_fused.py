@@ -111,3 +111,20 @@ def test_the_guarded_update_clips_with_its_norm_like_optax():
   # The clipped first moment is (1 - b1) * g * 0.1 / norm.
   np.testing.assert_allclose(optimizer._find_state(state, optax.ScaleByAdamState).mu["dense"]["kernel"],
                              0.1 * 2.0 * 0.1 / np.sqrt(68.0), rtol=1e-5)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_a_gradient_scale_given_to_the_update_equals_scaled_gradients(clip):
+  # grad_scale (the step's 1 / scored tokens) is applied inside the update, not written out.
+  opt = optimizer.make_optimizer(_train_cfg(clip))
+  params = _params()
+  state = opt.init(params)
+  sums, inverse = _grads(0, 40.0), jnp.float32(1 / 37)
+  pre = update.guarded_update(opt, jax.tree.map(lambda g: g * inverse, sums), state, params,
+                              jnp.float32(1.0), True)
+  inside = update.guarded_update(opt, sums, state, params, jnp.float32(1.0), True, grad_scale=inverse)
+  np.testing.assert_allclose(inside[2], pre[2], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(inside[:2]), jax.tree.leaves(pre[:2])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  moved = [np.abs(n - o).max() for n, o in zip(jax.tree.leaves(inside[1]), jax.tree.leaves(state))]
+  assert max(moved) > 1e-3  # the moments took the gradients (the first step's learning rate is 0)

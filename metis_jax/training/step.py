@@ -132,10 +132,10 @@ def apply_token_mean_update(state, optimizer, cfg: ml_collections.ConfigDict, su
   (loss_sum, (correct, count)), grad_sum = sums
   denom = jnp.maximum(count, 1.0)
   loss, accuracy = loss_sum / denom, correct / denom
-  grads = jax.tree.map(lambda g: g / denom, grad_sum)
   poison = state.step + 1 == cfg.inject_nan_at_step if cfg.inject_nan_at_step >= 0 else None
   new_params, new_opt_state, grad_norm, skipped = update_lib.guarded_update(
-      optimizer, grads, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison)
+      optimizer, grad_sum, state.opt_state, state.params, loss, cfg.skip_nonfinite, poison,
+      grad_scale=1.0 / denom)
   skipped_steps = state.skipped_steps + skipped.astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state,
                             skipped_steps=skipped_steps)

@@ -16,7 +16,8 @@ from metis_jax.training import optimizer as optimizer_lib
 
 
 def guarded_update(optimizer: optimizer_lib.Optimizer, grads: Any, opt_state: Any, params: Any,
-                   loss: jax.Array, skip_nonfinite: bool, poison: Optional[jax.Array | bool] = None):
+                   loss: jax.Array, skip_nonfinite: bool, poison: Optional[jax.Array | bool] = None,
+                   grad_scale: Optional[jax.Array] = None):
   """One optimizer update, skipped when the loss or the gradient norm is not finite.
 
   Args:
@@ -27,6 +28,10 @@ def guarded_update(optimizer: optimizer_lib.Optimizer, grads: Any, opt_state: An
     loss: float32 scalar.
     skip_nonfinite: keep params and opt_state on a non-finite update (else let it through).
     poison: debug; NaN gradients where True (exercises the guard); None leaves them alone.
+    grad_scale: float32 scalar the gradients are multiplied by (e.g. 1 / scored tokens), or
+      None. Given here rather than applied by the caller, it scales the norm and goes into
+      the update's own elementwise pass: the scaled gradients are never written out (on
+      XLA:CPU the norm's reduction would materialize them, 2 passes over all gradients).
 
   Returns:
     (params, opt_state, grad_norm float32 scalar, skipped bool scalar).
@@ -35,6 +40,9 @@ def guarded_update(optimizer: optimizer_lib.Optimizer, grads: Any, opt_state: An
     grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
   # One norm serves the metrics, the finiteness check and the clip.
   grad_norm = optax.tree.norm(grads)
+  if grad_scale is not None:
+    grad_norm = grad_norm * grad_scale
+    grads = jax.tree.map(lambda g: g * grad_scale.astype(g.dtype), grads)
   ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)) if skip_nonfinite else jnp.ones((), bool)
   new_params, new_opt_state = optimizer.apply(grads, opt_state, params, grad_norm, ok)
   return new_params, new_opt_state, grad_norm, ~ok
