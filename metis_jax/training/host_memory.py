@@ -17,8 +17,8 @@ the tiny train step's 82 MiB cost 21,000 page faults, a fifth of its time.
 from the heap and stays there for the next step; it needs the block allocated by
 the calling thread's heap, i.e. CPU programs run inline (`run_cpu_programs_inline`,
 which the train command sets). Faulting pages in costs about 0.6 s per GiB here
-(2-core EPYC): the base train step (B 1 x T 500, a 4 GiB block) went from 13.1 to
-11.7 s per step with its block kept.
+(2-core EPYC): the base train step (B 1 x T 500, a 4 GiB block) went from 13.1-13.6 to
+11.7-11.8 s per step with its block kept.
 """
 
 import ctypes
