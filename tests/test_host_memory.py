@@ -82,6 +82,7 @@ def test_step_buffers_past_a_c_int_lift_the_thresholds(monkeypatch):
   calls = []
   monkeypatch.setattr(host_memory, "_libc_function",
                       lambda name: lambda param, value: calls.append((param, value)) or 1)
+  dispatch = jax.config.values.get("jax_cpu_enable_async_dispatch", True)
   jax.config.update("jax_cpu_enable_async_dispatch", False)  # read by the CPU client once, at start
   try:
     assert host_memory.keep_step_buffers(4 << 30)
@@ -89,5 +90,5 @@ def test_step_buffers_past_a_c_int_lift_the_thresholds(monkeypatch):
     calls.clear()
     assert host_memory.keep_step_buffers(100 << 20)
   finally:
-    jax.config.update("jax_cpu_enable_async_dispatch", True)
+    jax.config.update("jax_cpu_enable_async_dispatch", dispatch)
   assert calls == [(host_memory._M_MMAP_THRESHOLD, 101 << 20), (host_memory._M_TRIM_THRESHOLD, 202 << 20)]
