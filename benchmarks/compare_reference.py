@@ -159,28 +159,16 @@ def jax_runner(spec: dict, async_cpu: bool = False):
     return lambda: forward(params, tokens, phones).block_until_ready()
 
   if kind == "t2s_train":
-    from metis_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-    from metis_jax.training import compile_ahead, host_memory, input_pipeline, state as train_state, step as step_lib  # pylint: disable=import-outside-toplevel
+    # profile_top.py lies beside this script (its folder is on sys.path).
+    import profile_top  # pylint: disable=import-outside-toplevel
+    from metis_jax.training import host_memory  # pylint: disable=import-outside-toplevel
     if not async_cpu:
       host_memory.run_cpu_programs_inline()  # as `python -m metis_jax.train` does
-    config = t2s_config(spec["size"], False, [
-        "train.synthetic_data=True", "mesh.fsdp=-1", "mesh.dcn_data=1",
-        f"train.global_batch_size={spec['batch']}", f"train.seq_length={spec['length']}",
-        f"data.bucket_lengths=({spec['length']},)", "model.remat_policy=none"])
-    mesh = mesh_lib.create_mesh(config.mesh)
-    setup = train_state.make_setup(config)
-    holder = {"state": train_state.create_sharded_state(setup, mesh, config.seed)}
-    batch_spec = input_pipeline.batch_spec(config)
-    jitted = step_lib.jit_train_step(setup, config, mesh, train_state.state_shardings(setup, mesh),
-                                     batch_spec)
-    # As the training loop does: compiled ahead of the first step (which also hands the
-    # compiler's freed host memory back, `host_memory.release_freed`).
-    step_fn = compile_ahead.compile_ahead(jitted, holder["state"], [batch_spec])
-    batch = next(input_pipeline.make_train_iterator(config, mesh))
-
-    def run():
-      holder["state"], metrics = step_fn(holder["state"], batch)
-      jax.block_until_ready(metrics)
+    # The trainer's step as the training loop runs it (compiled ahead, which also hands the
+    # compiler's freed host memory back and keeps CPU step buffers in the heap).
+    run, _ = profile_top.train_workload(
+        spec["batch"], spec["length"], "tiny" if spec["size"] is TINY else "metis_base",
+        ["model.use_phone_cond=False", "model.dtype=float32", "model.remat_policy=none"])
     return run
 
   if kind == "s2a_decode":

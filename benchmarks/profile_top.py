@@ -123,7 +123,8 @@ def format_table(title: str, rows: list[dict], total_ms: float) -> str:
 
 
 def train_workload(batch: int, length: int, config_name: str = "tiny", overrides=()):
-  """(run() -> blocks, compiled HLO text) for the train step of `config_name` at batch x length."""
+  """(run() -> blocks, its compiled executable) for the train step of `config_name` at batch x
+  length, as the training loop runs it (`compare_reference.py` times the same step)."""
   import jax  # pylint: disable=import-outside-toplevel
   from metis_jax import config_lib  # pylint: disable=import-outside-toplevel
   from metis_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
@@ -140,13 +141,12 @@ def train_workload(batch: int, length: int, config_name: str = "tiny", overrides
   batch_arrays = next(input_pipeline.make_train_iterator(config, mesh))
   # As the training loop runs it: compiled ahead, step buffers kept in the heap.
   step_fn = compile_ahead.compile_ahead(step_fn, holder["state"], [spec])
-  hlo = next(iter(step_fn.executables.values())).as_text()
 
   def run():
     holder["state"], metrics = step_fn(holder["state"], batch_arrays)
     jax.block_until_ready(metrics)
 
-  return run, hlo
+  return run, next(iter(step_fn.executables.values()))
 
 
 def decode_workload(batch: int, prompt_s: float = 3.0, target_s: float = 10.0, steps: int = 25,
@@ -223,7 +223,8 @@ def main() -> int:
   for name in args.workloads.split(","):
     if name == "train":
       b, t = (int(x) for x in args.train_shape.lower().split("x"))
-      run, hlo = train_workload(b, t, args.train_config, args.train_override)
+      run, executable = train_workload(b, t, args.train_config, args.train_override)
+      hlo = executable.as_text()
       title = f"{args.train_config} train step {b}x{t}"
     elif name == "decode":
       run, hlo = decode_workload(args.decode_batch)
