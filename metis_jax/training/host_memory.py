@@ -95,9 +95,9 @@ def keep_step_buffers(temp_bytes: int) -> bool:
       or temp_bytes <= 0):
     return False
   threshold = temp_bytes + (1 << 20)
-  mmap_value = threshold if threshold <= _C_INT_MAX else _NO_LIMIT
-  trim_value = 2 * threshold if 2 * threshold <= _C_INT_MAX else _NO_LIMIT
-  if not (mallopt(_M_MMAP_THRESHOLD, mmap_value) and mallopt(_M_TRIM_THRESHOLD, trim_value)):
+  as_c_int = lambda n: n if n <= _C_INT_MAX else _NO_LIMIT
+  if not (mallopt(_M_MMAP_THRESHOLD, as_c_int(threshold))
+          and mallopt(_M_TRIM_THRESHOLD, as_c_int(2 * threshold))):
     return False
   logging.info("CPU step buffers (%.1f MiB) are kept in the heap between steps", temp_bytes / 2 ** 20)
   return True
