@@ -15,6 +15,7 @@ import pytest
 
 from metis_jax import config_base
 from metis_jax.parallel import distributed
+from metis_jax.training import codec_objective
 from metis_jax.training import input_pipeline
 from metis_jax.parallel import mesh as mesh_lib
 from metis_jax.models import metis
@@ -249,3 +250,5 @@ def test_progress_line_counts_read_at_any_rate():
   assert "3.1 step/s 52.3k tok/s" in metrics.progress_line(
       2, 10, dict(values, steps_per_second=3.1, tokens_per_second=52_300.0))
   assert metrics.format_count(1.25e6) == "1.25M"
+  codec_line = codec_objective.progress_line(2, 10, dict(values, audio_seconds_per_second=0.16), ("loss",))
+  assert "0.08 step/s 0.16 s audio/s" in codec_line  # the codec runs' line reads the same way

@@ -32,6 +32,7 @@ from metis_jax.models import semantic_codec as sc
 from metis_jax.training import codec_data
 from metis_jax.training import codec_state as cts
 from metis_jax.training import codec_step
+from metis_jax.training import metrics as metrics_lib
 from metis_jax.training import objective as objective_lib
 
 # Metrics on the progress line, by codec kind (the others go to TensorBoard and metrics.jsonl only).
@@ -42,10 +43,11 @@ LINE_KEYS = {
 
 
 def progress_line(step: int, total: int, values: dict[str, float], keys: Sequence[str]) -> str:
-  """'step 120/300 | 2.10 step/s 4.2 s audio/s | mel 4.81 adv 0.91 ... | gnorm 1.2 lr 1.0e-03'."""
+  """'step 120/300 | 2.1 step/s 4.2 s audio/s | mel 4.81 adv 0.91 ... | gnorm 1.2 lr 1.0e-03'."""
   timed = "steps_per_second" in values
   parts = [f"step {step}/{total}",
-           (f"{values['steps_per_second']:.2f} step/s {values['audio_seconds_per_second']:.1f} s audio/s"
+           (f"{metrics_lib.format_count(values['steps_per_second'])} step/s "
+            f"{metrics_lib.format_count(values['audio_seconds_per_second'])} s audio/s"
             if timed else "compiling"),
            " ".join(f"{k} {values[k]:.4g}" for k in keys if k in values),
            f"gnorm {values['grad_norm']:.3g} lr {values['learning_rate']:.2e}"]

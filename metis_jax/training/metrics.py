@@ -110,7 +110,7 @@ def progress_line(step: int, total: int, values: dict[str, float]) -> str:
   """'step 120/2000 | 3.1 step/s 50.2k tok/s | loss 4.123 acc 0.211 | gnorm 1.23 lr 3.0e-04 | MFU 41.2% | ETA 10m06s'."""
   timed = "steps_per_second" in values  # not the first step (it includes compilation)
   parts = [f"step {step}/{total}",
-           (f"{values['steps_per_second']:.3g} step/s {format_count(values['tokens_per_second'])} tok/s"
+           (f"{format_count(values['steps_per_second'])} step/s {format_count(values['tokens_per_second'])} tok/s"
             if timed else "compiling"),
            f"loss {values['loss']:.4f} acc {values['accuracy']:.3f}",
            f"gnorm {values['grad_norm']:.3g} lr {values['learning_rate']:.2e}"]
